@@ -1,0 +1,293 @@
+"""Every size and choice of a Nexus model and of a training run, the named presets, and the
+layering of defaults < config file (TOML or YAML) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nexus.errors import NexusError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the hybrid stack. Parameter names follow Hugging Face's Jamba layout."""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 6
+    attention_layers: tuple[int, ...] = (3,)  # after Mamba layers: attention has no positions
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 16
+    mlp_hidden: int = 928
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+        self.validate()
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_attention(self, layer: int) -> bool:
+        return layer in self.attention_layers
+
+    def validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_state",
+            "d_conv",
+            "expand",
+            "dt_rank",
+            "mlp_hidden",
+            "seq_len",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise NexusError(f"model config: {name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise NexusError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if self.vocab_size > 256:
+            raise NexusError(
+                f"model config: vocab_size {self.vocab_size} is more than the 256 byte values; "
+                "use vocab_size <= 256"
+            )
+        if self.d_model % self.n_heads:
+            raise NexusError(
+                f"model config: d_model {self.d_model} is not divisible by n_heads "
+                f"{self.n_heads}; pick n_heads that divides d_model"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise NexusError(
+                f"model config: n_heads {self.n_heads} is not divisible by n_kv_heads "
+                f"{self.n_kv_heads}; pick n_kv_heads that divides n_heads (e.g. 1, 2, 4)"
+            )
+        for layer in self.attention_layers:
+            if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise NexusError(
+                    f"model config: attention layer index {layer!r} is outside the stack of "
+                    f"{self.n_layers} layers; use indices 0..{self.n_layers - 1}"
+                )
+        if len(set(self.attention_layers)) != len(self.attention_layers):
+            raise NexusError("model config: attention_layers lists a layer twice")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["attention_layers"] = list(self.attention_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**_checked_kwargs(cls, data, "model config"))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The reference: Jamba's layout at 6.74M parameters (2,421,744 + 4,608·mlp_hidden, untied).
+    "nexus-6m": ModelConfig(),
+    # Seconds to train: for tests and quick experiments.
+    "nexus-tiny": ModelConfig(
+        d_model=64,
+        n_layers=2,
+        attention_layers=(1,),
+        n_heads=4,
+        n_kv_heads=2,
+        d_state=8,
+        dt_rank=4,
+        mlp_hidden=128,
+        seq_len=32,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset, or a NexusError listing the known names."""
+    if name not in PRESETS:
+        raise NexusError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults are the reference run of the `nexus-6m` preset."""
+
+    preset: str = "nexus-6m"
+    data: str | None = None  # None: Tiny Shakespeare, resolved by nexus.data
+    out_dir: str = "checkpoints/nexus_production"
+    max_steps: int = 2000
+    micro_batch: int = 4
+    grad_accum: int = 4
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # cosine floor: 10% of the peak
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    save_interval: int = 0  # 0: same as eval_interval
+    eval_batches: int = 32  # fixed batches of eval_batch_size windows: ±0.01 nats
+    eval_batch_size: int = 16
+    log_interval: int = 10
+    seed: int = 1337
+    sample_prompt: str = "To be"
+    sample_bytes: int = 200
+    device: str = "auto"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.save_interval or self.eval_interval
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.model_config().seq_len
+
+    def model_config(self) -> ModelConfig:
+        base = preset(self.preset)
+        return ModelConfig.from_dict({**base.to_dict(), **self.model}) if self.model else base
+
+    def validate(self) -> None:
+        positive_ints = (
+            "max_steps",
+            "micro_batch",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "eval_batch_size",
+            "log_interval",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise NexusError(f"train config: {name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "save_interval", "sample_bytes", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise NexusError(f"train config: {name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+                raise NexusError(f"train config: {name} must be a number > 0, got {value!r}")
+        for name in ("min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not _is_number(value) or not value >= 0 or not math.isfinite(value):
+                raise NexusError(f"train config: {name} must be a number >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise NexusError(
+                f"train config: min_lr {self.min_lr} is above the peak lr {self.lr}; lower it"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise NexusError(
+                f"train config: warmup_steps {self.warmup_steps} exceeds max_steps "
+                f"{self.max_steps}; shorten the warmup or train longer"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise NexusError(f"train config: device must be auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.model, dict):
+            raise NexusError("train config: model must be a table of model-config overrides")
+        self.model_config()  # validates the preset name and the overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**_checked_kwargs(cls, data, "train config"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_kwargs(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """Reject unknown keys and values of the wrong type before they reach the dataclass."""
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise NexusError(f"{what}: unknown key {key!r}; known keys: {', '.join(known)}")
+        expected = _expected_types(known[key].type)
+        if expected and not isinstance(value, expected):
+            raise NexusError(
+                f"{what}: {key} has the wrong type ({type(value).__name__}: {value!r}); "
+                f"expected {' or '.join(t.__name__ for t in expected)}"
+            )
+        if isinstance(value, bool) and bool not in expected:
+            raise NexusError(f"{what}: {key} must be a number, not a boolean")
+    return dict(data)
+
+
+def _expected_types(annotation: str) -> tuple[type, ...]:
+    names = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+    out: list[type] = []
+    for part in str(annotation).split("|"):
+        part = part.strip()
+        if part.startswith("tuple"):
+            out += [tuple, list]
+        elif part.startswith("dict"):
+            out.append(dict)
+        elif part in names:
+            found = names[part]
+            out += list(found) if isinstance(found, tuple) else [found]
+    return tuple(out)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML file of TrainConfig keys (and a `model` table) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise NexusError(f"config file {str(path)!r} does not exist; check the --config path")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise NexusError(f"config file {str(path)!r}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NexusError(f"config file {str(path)!r} is malformed: {first_line}") from error
+    if not isinstance(data, dict):
+        raise NexusError(f"config file {str(path)!r} must hold a table of settings at the top")
+    return data
+
+
+def resolve_train_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults < base (a resumed run's own settings) < config file < flags (given as a dict of
+    the keys the user set)."""
+    merged: dict[str, Any] = dict(base or {})
+    if file is not None:
+        merged.update(load_config_file(file))
+    for key, value in (overrides or {}).items():
+        if key == "model":
+            merged["model"] = {**merged.get("model", {}), **value}
+        else:
+            merged[key] = value
+    return TrainConfig.from_dict(merged)

@@ -1,0 +1,106 @@
+"""What a configuration amounts to: layer schedule, parameters by component, FLOPs per token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nexus.config import ModelConfig
+from nexus.model import NexusLM
+
+# Per state element per position: exp(Δ·A), Δ·A, Δ·B·x (2), decay·h + input (2), C·h (2).
+SCAN_FLOPS_PER_STATE = 8
+
+
+def layer_schedule(config: ModelConfig) -> list[str]:
+    return ["attention" if config.is_attention(i) else "mamba" for i in range(config.n_layers)]
+
+
+def parameter_breakdown(model: NexusLM) -> dict[str, int]:
+    """Parameter counts by component; tied weights counted once (under embedding)."""
+    counts = {"embedding": 0, "attention": 0, "mamba": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if "embed_tokens" in name:
+            key = "embedding"
+        elif name.startswith("lm_head"):
+            key = "lm_head"
+        elif "self_attn" in name:
+            key = "attention"
+        elif ".mamba." in name and "layernorm" not in name:
+            key = "mamba"
+        elif "feed_forward" in name:
+            key = "mlp"
+        else:
+            key = "norms"
+        counts[key] += param.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def flops_per_token(config: ModelConfig) -> dict[str, int]:
+    """Model FLOPs per token at context seq_len: 2 per multiply-accumulate of every weight
+    matrix (embedding lookup excluded), attention scores and values over the full context
+    (the PaLM convention), the depthwise conv and the selective scan. Training = 3 × forward
+    (the backward costs twice the forward)."""
+    d, E, N, R = config.d_model, config.d_inner, config.d_state, config.dt_rank
+    kv_dim = config.n_kv_heads * config.head_dim
+    mlp = 2 * 3 * d * config.mlp_hidden
+    attention = 2 * (2 * d * d + 2 * d * kv_dim) + 2 * 2 * config.seq_len * d
+    mamba = (
+        2 * (d * 2 * E + E * (R + 2 * N) + R * E + E * d)  # in, x, dt and out projections
+        + 2 * config.d_conv * E
+        + SCAN_FLOPS_PER_STATE * E * N
+    )
+    n_attention = len(config.attention_layers)
+    forward = (
+        n_attention * attention
+        + (config.n_layers - n_attention) * mamba
+        + config.n_layers * mlp
+        + 2 * d * config.vocab_size
+    )
+    return {"forward": forward, "train": 3 * forward}
+
+
+def model_info(config: ModelConfig, preset_name: str | None = None) -> dict[str, Any]:
+    model = NexusLM(config)
+    params = parameter_breakdown(model)
+    flops = flops_per_token(config)
+    return {
+        "preset": preset_name,
+        "config": config.to_dict(),
+        "layer_schedule": layer_schedule(config),
+        "parameters": params["total"],
+        "parameters_by_component": {k: v for k, v in params.items() if k != "total"},
+        "flops_per_token_forward": flops["forward"],
+        "flops_per_token_train": flops["train"],
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    config = info["config"]
+    schedule = info["layer_schedule"]
+    n_attention = schedule.count("attention")
+    lines = [
+        f"Nexus model{' ' + info['preset'] if info['preset'] else ''}",
+        f"  parameters      {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
+        f"  d_model         {config['d_model']}",
+        f"  layers          {config['n_layers']} ({n_attention} attention, "
+        f"{len(schedule) - n_attention} Mamba): {' '.join(schedule)}",
+        f"  attention       {config['n_heads']} heads, {config['n_kv_heads']} KV heads "
+        f"(GQA), head_dim {config['d_model'] // config['n_heads']}, no positional encoding",
+        f"  mamba           d_state {config['d_state']}, d_conv {config['d_conv']}, "
+        f"expand {config['expand']}, dt_rank {config['dt_rank']}",
+        f"  mlp             SwiGLU, hidden {config['mlp_hidden']}",
+        f"  vocab           {config['vocab_size']} (byte-level), seq_len {config['seq_len']}, "
+        f"{'tied' if config['tie_embeddings'] else 'untied'} embeddings",
+        "  parameters by component:",
+    ]
+    lines += [f"    {k:<12} {v:>10,}" for k, v in info["parameters_by_component"].items()]
+    lines += [
+        f"  FLOPs/token     forward {info['flops_per_token_forward'] / 1e6:.2f}M, "
+        f"train {info['flops_per_token_train'] / 1e6:.2f}M",
+    ]
+    return "\n".join(lines)

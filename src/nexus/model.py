@@ -1,0 +1,291 @@
+"""The Jamba-style hybrid: RMSNorm, Mamba mixer, grouped-query attention, SwiGLU MLP, the
+decoder layers and the stack, with a recurrent cache for generation.
+
+Module and parameter names match Hugging Face's `JambaForCausalLM` exactly
+(`model.layers.3.self_attn.q_proj.weight`, `model.layers.0.mamba.A_log`, ...): they are the
+export contract, so do not rename them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nexus.config import ModelConfig
+from nexus.scan import selective_scan, selective_scan_step
+
+# Mamba's Δ initialisation: softplus(dt_proj.bias) log-uniform in [DT_MIN, DT_MAX], so each
+# channel starts with a memory between ~10 and ~1000 steps. Hugging Face's Jamba leaves the bias
+# at 0 (Δ ≈ 0.69, a memory of a few bytes), which makes small models learn slowly.
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in fp32 as Jamba does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+@dataclass
+class MambaState:
+    """Cache of one Mamba layer: the last d_conv inputs of the conv and the SSM state."""
+
+    conv: Tensor  # (B, E, K)
+    ssm: Tensor  # (B, E, N)
+
+
+@dataclass
+class AttentionState:
+    """Cache of one attention layer: keys and values of every position so far."""
+
+    keys: Tensor  # (B, kv_heads, T, head_dim)
+    values: Tensor  # (B, kv_heads, T, head_dim)
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 selective SSM with Jamba's RMSNorms on Δ, B and C."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, N, R, K = config.d_inner, config.d_state, config.dt_rank, config.d_conv
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = E, N, R, K
+        self.in_proj = nn.Linear(config.d_model, 2 * E, bias=False)  # rows: [x branch; gate z]
+        self.conv1d = nn.Conv1d(E, E, K, groups=E, padding=K - 1, bias=True)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # rows: [Δ; B; C]
+        self.dt_layernorm = RMSNorm(R, config.norm_eps)
+        self.b_layernorm = RMSNorm(N, config.norm_eps)
+        self.c_layernorm = RMSNorm(N, config.norm_eps)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.empty(E, N))
+        self.D = nn.Parameter(torch.empty(E))
+        self.out_proj = nn.Linear(E, config.d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        # S4D-real: A = -(1..N) per channel, a spread of decay rates from the start.
+        arange = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(arange).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_dt = torch.rand(self.d_inner) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        dt = log_dt.exp().clamp(min=DT_FLOOR)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(self.dt_layernorm(dt)))  # (B, T, E)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        return dt, A, self.b_layernorm(B), self.c_layernorm(C)
+
+    def _causal_conv(self, padded: Tensor, T: int) -> Tensor:
+        # Depthwise conv as K shifted multiply-adds in (B, T, E) layout: no transposes, and on
+        # CPU several times faster than Conv1d(groups=E), forward and backward.
+        weight = self.conv1d.weight[:, 0, :]  # (E, K)
+        out = self.conv1d.bias + padded[:, :T] * weight[:, 0]
+        for k in range(1, self.d_conv):
+            out = out + padded[:, k : k + T] * weight[:, k]
+        return out
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.prefill(hidden)[0]
+
+    def prefill(self, hidden: Tensor) -> tuple[Tensor, MambaState]:
+        T = hidden.shape[1]
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, T, E) each
+        padded = F.pad(x, (0, 0, self.d_conv - 1, 0))  # (B, K-1+T, E): causal left padding
+        x = F.silu(self._causal_conv(padded, T))  # (B, T, E)
+        # The cache keeps the last d_conv conv inputs (zeros before the prompt).
+        conv_state = padded[:, -self.d_conv :].transpose(1, 2)  # (B, E, K)
+        dt, A, B, C = self._ssm_inputs(x)
+        y, ssm_state = selective_scan(x, dt, A, B, C, self.D, return_state=True)
+        y = y * F.silu(z)
+        return self.out_proj(y), MambaState(conv=conv_state.contiguous(), ssm=ssm_state)
+
+    def step(self, hidden: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
+        """One new position: hidden (B, 1, d_model)."""
+        x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)  # (B, E) each
+        conv = torch.cat([state.conv[:, :, 1:], x.unsqueeze(-1)], dim=-1)  # (B, E, K)
+        x = (conv * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias
+        x = F.silu(x)
+        dt, A, B, C = self._ssm_inputs(x)
+        y, ssm = selective_scan_step(state.ssm, x, dt, A, B, C, self.D)
+        y = y * F.silu(z)
+        return self.out_proj(y).unsqueeze(1), MambaState(conv=conv, ssm=ssm)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention without positional encoding, as in Jamba."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def _heads(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = hidden.shape
+        q = self.q_proj(hidden).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v  # (B, heads, T, head_dim)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        q, k, v = self._heads(hidden)
+        return self._attend(q, k, v, causal=True)
+
+    def prefill(self, hidden: Tensor) -> tuple[Tensor, AttentionState]:
+        q, k, v = self._heads(hidden)
+        return self._attend(q, k, v, causal=True), AttentionState(keys=k, values=v)
+
+    def step(self, hidden: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
+        q, k, v = self._heads(hidden)
+        keys = torch.cat([state.keys, k], dim=2)
+        values = torch.cat([state.values, v], dim=2)
+        # The single new query may see every cached position, so no mask is needed.
+        return self._attend(q, keys, values, causal=False), AttentionState(keys, values)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.is_attention = config.is_attention(layer)
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        if self.is_attention:
+            self.self_attn = Attention(config)
+        else:
+            self.mamba = MambaMixer(config)
+        self.pre_ff_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.feed_forward = MLP(config)
+
+    @property
+    def mixer(self) -> Attention | MambaMixer:
+        return self.self_attn if self.is_attention else self.mamba
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        hidden = hidden + self.mixer(self.input_layernorm(hidden))
+        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
+
+    def prefill(self, hidden: Tensor) -> tuple[Tensor, MambaState | AttentionState]:
+        mixed, state = self.mixer.prefill(self.input_layernorm(hidden))
+        hidden = hidden + mixed
+        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden)), state
+
+    def step(
+        self, hidden: Tensor, state: MambaState | AttentionState
+    ) -> tuple[Tensor, MambaState | AttentionState]:
+        mixed, state = self.mixer.step(self.input_layernorm(hidden), state)
+        hidden = hidden + mixed
+        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden)), state
+
+
+class HybridStack(nn.Module):
+    """Embedding, the decoder layers and the final norm (Jamba's `model.*`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.final_layernorm = RMSNorm(config.d_model, config.norm_eps)
+
+
+Cache = list[MambaState | AttentionState]
+
+
+class NexusLM(nn.Module):
+    """The hybrid language model over bytes: input ids (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = HybridStack(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # GPT-2 style: N(0, 0.02) everywhere, and the projections that write into the residual
+        # stream scaled by 1/sqrt(2·layers) so the stream's variance does not grow with depth.
+        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("out_proj", "o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else INIT_STD)
+            elif isinstance(module, nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for layer in self.model.layers:
+            if not layer.is_attention:
+                layer.mamba.reset_ssm_parameters()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        hidden = self.model.embed_tokens(input_ids)  # (B, T, d_model)
+        for layer in self.model.layers:
+            hidden = layer(hidden)
+        return self.lm_head(self.model.final_layernorm(hidden))  # (B, T, vocab)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> tuple[Tensor, Cache]:
+        """Logits for every prompt position and the cache to continue from."""
+        hidden = self.model.embed_tokens(input_ids)
+        cache: Cache = []
+        for layer in self.model.layers:
+            hidden, state = layer.prefill(hidden)
+            cache.append(state)
+        return self.lm_head(self.model.final_layernorm(hidden)), cache
+
+    @torch.no_grad()
+    def step(self, token_ids: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
+        """Logits (B, vocab) for one new byte per sequence; costs the same at any length."""
+        hidden = self.model.embed_tokens(token_ids).unsqueeze(1)  # (B, 1, d_model)
+        new_cache: Cache = []
+        for layer, state in zip(self.model.layers, cache, strict=True):
+            hidden, state = layer.step(hidden, state)
+            new_cache.append(state)
+        return self.lm_head(self.model.final_layernorm(hidden))[:, 0], new_cache
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once

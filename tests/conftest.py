@@ -1,0 +1,84 @@
+"""Shared fixtures: small made corpora and quick training configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from nexus.config import TrainConfig
+
+SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+WORDS = [
+    "the",
+    "king",
+    "and",
+    "queen",
+    "of",
+    "verona",
+    "speak",
+    "to",
+    "romeo",
+    "while",
+    "juliet",
+    "waits",
+    "at",
+    "the",
+    "window",
+    "to",
+    "be",
+    "or",
+    "not",
+    "to",
+    "be",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "the",
+    "mind",
+]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 40 KB of English-like text made from a small vocabulary: learnable in seconds."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(1200)]
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    if not SHARED_SHAKESPEARE.is_file():
+        pytest.skip("the shared Tiny Shakespeare copy is not beside this checkout")
+    return SHARED_SHAKESPEARE
+
+
+def tiny_config(data: Path, out_dir: Path, **overrides: object) -> TrainConfig:
+    """A few-second run of the tiny preset."""
+    settings: dict[str, object] = {
+        "preset": "nexus-tiny",
+        "data": str(data),
+        "out_dir": str(out_dir),
+        "max_steps": 8,
+        "micro_batch": 4,
+        "grad_accum": 2,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "eval_interval": 2,
+        "eval_batches": 2,
+        "eval_batch_size": 4,
+        "log_interval": 2,
+        "sample_bytes": 16,
+        "device": "cpu",
+    }
+    settings.update(overrides)
+    return TrainConfig.from_dict(settings)

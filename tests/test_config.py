@@ -1,0 +1,92 @@
+"""ModelConfig / TrainConfig validation, presets and the defaults < file < flags layering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexus.config import ModelConfig, TrainConfig, preset, resolve_train_config
+from nexus.errors import NexusError
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_heads": 8, "n_kv_heads": 3}, "not divisible by n_kv_heads"),
+        ({"attention_layers": (6,)}, "outside the stack of 6 layers"),
+        ({"attention_layers": (-1,)}, "outside the stack"),
+        ({"d_model": 0}, "d_model must be a positive integer"),
+        ({"d_state": -4}, "d_state must be a positive integer"),
+        ({"n_heads": 7}, "not divisible by n_heads"),
+        ({"vocab_size": 300}, "more than the 256 byte values"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+    ],
+)
+def test_model_config_rejects_impossible_combinations(overrides: dict, message: str) -> None:
+    with pytest.raises(NexusError, match=message):
+        ModelConfig(**overrides)
+
+
+def test_unknown_preset_lists_the_known_ones() -> None:
+    with pytest.raises(NexusError, match=r"unknown preset 'nexus-7b'.*nexus-6m"):
+        preset("nexus-7b")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": 0.0}, "lr must be a number > 0"),
+        ({"lr": -1e-3}, "lr must be a number > 0"),
+        ({"max_steps": 0}, "max_steps must be a positive integer"),
+        ({"warmup_steps": 300, "max_steps": 200}, "warmup_steps 300 exceeds max_steps 200"),
+        ({"micro_batch": 0}, "micro_batch must be a positive integer"),
+        ({"min_lr": 1.0}, "min_lr 1.0 is above the peak lr"),
+        ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"model": {"n_kv_heads": 3}}, "not divisible by n_kv_heads"),
+    ],
+)
+def test_train_config_rejects_bad_values(overrides: dict, message: str) -> None:
+    with pytest.raises(NexusError, match=message):
+        TrainConfig(**overrides)
+
+
+def test_from_dict_rejects_unknown_keys_and_wrong_types() -> None:
+    with pytest.raises(NexusError, match="unknown key 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(NexusError, match="max_steps has the wrong type"):
+        TrainConfig.from_dict({"max_steps": "many"})
+    with pytest.raises(NexusError, match="must be a number, not a boolean"):
+        TrainConfig.from_dict({"max_steps": True})
+
+
+def test_layering_defaults_then_file_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "run.toml"
+    file.write_text("max_steps = 500\nlr = 1e-3\nseed = 7\n[model]\nd_state = 8\n")
+    config = resolve_train_config(file, {"lr": 5e-4})
+    assert config.max_steps == 500  # from the file
+    assert config.lr == 5e-4  # the flag beats the file
+    assert config.seed == 7
+    assert config.weight_decay == 0.1  # the default stays
+    assert config.model_config().d_state == 8
+    assert config.model_config().d_model == 256
+
+
+def test_yaml_file_and_malformed_files(tmp_path: Path) -> None:
+    good = tmp_path / "run.yaml"
+    good.write_text("max_steps: 300\nwarmup_steps: 10\n")
+    assert resolve_train_config(good).max_steps == 300
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("max_steps = = 3\n")
+    with pytest.raises(NexusError, match=r"bad\.toml' is malformed"):
+        resolve_train_config(bad_toml)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("max_steps: [1, 2\n")
+    with pytest.raises(NexusError, match=r"bad\.yaml' is malformed"):
+        resolve_train_config(bad_yaml)
+    with pytest.raises(NexusError, match="does not exist"):
+        resolve_train_config(tmp_path / "missing.toml")
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("epochs = 3\n")
+    with pytest.raises(NexusError, match="unknown key 'epochs'"):
+        resolve_train_config(unknown)
