@@ -1,0 +1,211 @@
+"""The `nexus` command: info, train, eval, sample, report. Each subcommand is a thin layer over
+a library call; a user's mistake prints one line and exits non-zero (`--debug` shows the trace)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nexus.config import PRESETS, TrainConfig, preset, resolve_train_config
+from nexus.errors import NexusError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+TRAIN_FLAGS_SKIPPED = {"model", "preset", "data", "out_dir"}  # declared by hand below
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except NexusError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"nexus: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("nexus: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexus", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="architecture, parameters and FLOPs of a preset")
+    info.add_argument("--preset", default="nexus-6m", help=f"one of: {', '.join(PRESETS)}")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=run_info)
+
+    train = commands.add_parser("train", help="train a model (defaults: the reference run)")
+    train.add_argument("--preset", help=f"model preset, one of: {', '.join(PRESETS)}")
+    train.add_argument("--config", help="TOML or YAML file of settings (flags override it)")
+    train.add_argument("--data", help="training text or binary file (default: Tiny Shakespeare)")
+    train.add_argument("--out_dir", help="run directory (default: checkpoints/nexus_production)")
+    for field in fields(TrainConfig):
+        if field.name in TRAIN_FLAGS_SKIPPED:
+            continue
+        kind = {"int": int, "float": float}.get(str(field.type), str)
+        train.add_argument(f"--{field.name}", type=kind, help=f"default: {field.default}")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="continue the run in --out_dir from its latest checkpoint, or from PATH",
+    )
+    train.add_argument("--force", action="store_true", help="start over in a used --out_dir")
+    train.set_defaults(handler=run_train)
+
+    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", help="data file (default: the run's own data)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=run_eval)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("checkpoint")
+    sample.add_argument("--prompt", default="To be")
+    sample.add_argument("--max_new_tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    sample.add_argument("--top_k", type=int)
+    sample.add_argument("--top_p", type=float)
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.set_defaults(handler=run_sample)
+
+    report = commands.add_parser("report", help="write TRAINING_PROGRESS.md for a run directory")
+    report.add_argument("run_dir")
+    report.add_argument(
+        "--backtest",
+        action="store_true",
+        help="forecast the final val loss from the first half of the evals and score it",
+    )
+    report.set_defaults(handler=run_report)
+    return parser
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from nexus.info import format_info, model_info
+
+    info = model_info(preset(args.preset), args.preset)
+    print(json.dumps(info) if args.json else format_info(info))
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from nexus.training import Trainer
+
+    overrides = {
+        name: value
+        for name, value in vars(args).items()
+        if name in {f.name for f in fields(TrainConfig)} and value is not None
+    }
+    base = resume_base_config(args) if args.resume else None
+    config = resolve_train_config(args.config, overrides, base=base)
+    Trainer(config, resume=args.resume, force=args.force).run()
+
+
+def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Resuming continues with the run's own settings unless flags or a file change them."""
+    from nexus.checkpoint import read_header
+
+    if isinstance(args.resume, str):
+        header = read_header(args.resume)
+        if "nexus" not in header:
+            raise NexusError(f"{args.resume!r} is not a Nexus checkpoint; pass one to --resume")
+        return json.loads(header["nexus"])["train_config"]
+    out_dir = Path(args.out_dir or TrainConfig().out_dir)
+    saved = out_dir / "config.json"
+    if not saved.is_file():
+        return None  # the trainer reports that there is nothing to resume
+    try:
+        return json.loads(saved.read_text())["train"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise NexusError(
+            f"{str(saved)!r} is damaged ({error}); resume with --resume PATH"
+        ) from None
+
+
+def load_model_for_use(path: str) -> tuple[Any, Any]:
+    from nexus.checkpoint import load_checkpoint
+    from nexus.training import model_from_checkpoint, pick_device
+
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, pick_device("auto"))
+    model.eval()
+    return model, checkpoint
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from nexus.data import ByteCorpus, eval_batches, resolve_dataset
+    from nexus.training import evaluate_loss, safe_exp
+
+    model, checkpoint = load_model_for_use(args.checkpoint)
+    train_config = TrainConfig.from_dict(checkpoint.meta["train_config"])
+    data_path = resolve_dataset(args.data or train_config.data)
+    corpus = ByteCorpus.from_file(data_path, model.config.seq_len)
+    batches = eval_batches(
+        corpus.val,
+        seed=train_config.seed,
+        n_batches=train_config.eval_batches,
+        batch_size=train_config.eval_batch_size,
+        seq_len=model.config.seq_len,
+    )
+    device = next(model.parameters()).device
+    val_loss = evaluate_loss(model, batches, device)
+    result = {
+        "checkpoint": args.checkpoint,
+        "step": checkpoint.step,
+        "val_loss": val_loss,
+        "val_ppl": safe_exp(val_loss),
+        "data": str(data_path),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"step {checkpoint.step}: val loss {val_loss:.4f}, val ppl {result['val_ppl']:.2f}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from nexus.generation import generate
+
+    if args.max_new_tokens < 0:
+        raise NexusError("--max_new_tokens must be >= 0")
+    if args.temperature < 0:
+        raise NexusError("--temperature must be >= 0 (0 means greedy)")
+    if args.top_k is not None and args.top_k <= 0:
+        raise NexusError("--top_k must be a positive integer")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise NexusError("--top_p must be in (0, 1]")
+    model, _ = load_model_for_use(args.checkpoint)
+    prompt = args.prompt.encode()
+    torch.manual_seed(args.seed)
+    continuation = generate(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    sys.stdout.buffer.write(prompt + continuation + b"\n")
+    sys.stdout.flush()
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from nexus.report import backtest, format_backtest, write_report
+
+    if args.backtest:
+        print(format_backtest(backtest(Path(args.run_dir))))
+    else:
+        print(write_report(Path(args.run_dir)))

@@ -1,0 +1,483 @@
+"""The training loop: eval → checkpoint → forward/backward with accumulation → clip → step → log,
+with resume that reproduces the uninterrupted run exactly on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nexus import __version__
+from nexus.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from nexus.config import ModelConfig, TrainConfig
+from nexus.data import ByteCorpus, dataset_name, eval_batches, resolve_dataset, train_batch
+from nexus.errors import NexusError
+from nexus.generation import generate
+from nexus.model import NexusLM
+from nexus.schedule import lr_at
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.bin"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, "TRAINING_PROGRESS.md", "training_progress.png")
+SAMPLE_TEMPERATURE = 0.8
+ADAM_BETAS = (0.9, 0.95)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NexusError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return out_dir / f"step_{step}.bin"
+
+
+def checkpoint_steps(out_dir: Path) -> list[int]:
+    steps = []
+    for path in out_dir.glob("step_*.bin"):
+        suffix = path.stem.removeprefix("step_")
+        if suffix.isdigit():
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+def build_optimizer(model: NexusLM, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: not on norms, biases, conv filters,
+    A_log, D or the Δ bias, whose scale is part of what they mean."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_matrix = param.ndim == 2 and not name.endswith("A_log")
+        (decay if is_matrix else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS, eps=1e-8)
+
+
+def model_state_for_saving(model: NexusLM) -> dict[str, Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as the embedding, as in Hugging Face
+    return state
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {
+        f"{index}.{key}": value for index, slots in state.items() for key, value in slots.items()
+    }
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups: list[dict]
+) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def model_from_checkpoint(
+    checkpoint: Checkpoint, device: torch.device | str = "cpu", expected: ModelConfig | None = None
+) -> NexusLM:
+    """Rebuild the model a checkpoint holds (checking it against `expected` when given)."""
+    config = ModelConfig.from_dict(checkpoint.meta["model_config"])
+    if expected is not None and config != expected:
+        differences = [
+            f"{key} {value!r} (checkpoint) vs {getattr(expected, key)!r}"
+            for key, value in config.to_dict().items()
+            if value != expected.to_dict()[key]
+        ]
+        raise NexusError(
+            "the checkpoint holds a different model config than the one asked for: "
+            + "; ".join(differences)
+            + ". Use the matching --preset, or start a new run in another --out_dir"
+        )
+    model = NexusLM(config)
+    missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
+    allowed_missing = ["lm_head.weight"] if config.tie_embeddings else []
+    if unexpected or sorted(missing) != allowed_missing:
+        raise NexusError(
+            f"the checkpoint's weights do not fit its config (missing {missing}, unexpected "
+            f"{unexpected}); it was not written by this version of Nexus"
+        )
+    return model.to(device)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: NexusLM, batches: list[tuple[Tensor, Tensor]], device: torch.device
+) -> float:
+    """Mean cross-entropy (nats per byte) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for inputs, targets in batches:
+        with autocast(device):
+            logits = model(inputs.to(device))
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    # bf16 only on CUDA: on this kind of CPU bf16 matrix products are hundreds of times slower.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def safe_exp(value: float) -> float:
+    return math.exp(value) if value < 700 else math.inf
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int | None = None
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    """One run in one out_dir. `run()` trains from the current step to max_steps."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: str | Path | bool = False,
+        force: bool = False,
+        log: TextIO | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.log_stream = log or sys.stdout
+        self.show_progress = sys.stderr.isatty() if progress is None else progress
+        self.bar: Any = None
+        self.device = pick_device(config.device)
+        self.model_config = config.model_config()
+        resume_from = self._prepare_out_dir(resume, force)
+
+        data_path = resolve_dataset(config.data)
+        self.corpus = ByteCorpus.from_file(
+            data_path, self.model_config.seq_len, name=dataset_name(data_path)
+        )
+        torch.manual_seed(config.seed)
+        self.model = NexusLM(self.model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.state = RunState()
+        seq_len = self.model_config.seq_len
+        self.val_batches = eval_batches(
+            self.corpus.val,
+            seed=config.seed,
+            n_batches=config.eval_batches,
+            batch_size=config.eval_batch_size,
+            seq_len=seq_len,
+        )
+        self.train_eval_batches = eval_batches(
+            self.corpus.train,
+            seed=config.seed + 1,
+            n_batches=config.eval_batches,
+            batch_size=config.eval_batch_size,
+            seq_len=seq_len,
+        )
+        if resume_from is not None:
+            self._restore(resume_from)
+        self._write_run_config()
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def _prepare_out_dir(self, resume: str | Path | bool, force: bool) -> Path | None:
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise NexusError(f"--out_dir {str(out)!r} is a file; pass a directory")
+        has_run = out.is_dir() and (
+            any((out / name).exists() for name in (CONFIG_FILE, METRICS_FILE, BEST_FILE))
+            or bool(checkpoint_steps(out))
+        )
+        if resume:
+            if resume is True:
+                steps = checkpoint_steps(out) if out.is_dir() else []
+                if not steps:
+                    raise NexusError(
+                        f"nothing to resume: {str(out)!r} holds no step_<N>.bin checkpoint; "
+                        "start without --resume"
+                    )
+                return checkpoint_path(out, steps[-1])
+            path = Path(resume)
+            if not path.is_file():
+                raise NexusError(f"--resume {str(path)!r}: no such checkpoint file")
+            return path
+        if has_run and not force:
+            raise NexusError(
+                f"{str(out)!r} already holds a run; pass --resume to continue it, --force to "
+                "start over (its checkpoints are deleted), or choose another --out_dir"
+            )
+        if has_run:
+            for path in [out / name for name in RUN_FILES] + list(out.glob("step_*.bin")):
+                path.unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".nexus-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise NexusError(
+                f"--out_dir {str(out)!r} is not writable ({error.strerror}); choose another"
+            ) from None
+        return None
+
+    def _restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        self.model = model_from_checkpoint(checkpoint, self.device, expected=self.model_config)
+        self.optimizer = build_optimizer(self.model, self.config)
+        restore_optimizer(
+            self.optimizer, checkpoint.optimizer_tensors, checkpoint.meta["optimizer_param_groups"]
+        )
+        if checkpoint.rng_state is not None:
+            torch.set_rng_state(checkpoint.rng_state)
+        meta = checkpoint.meta
+        best = meta.get("best_val_loss")
+        self.state = RunState(
+            step=checkpoint.step,
+            best_val_loss=math.inf if best is None else float(best),
+            best_step=meta.get("best_step"),
+            elapsed_s=float(meta.get("elapsed_s", 0.0)),
+        )
+        self._truncate_metrics(after=checkpoint.step)
+        self._log(f"resumed from {path} at step {checkpoint.step}")
+
+    def _truncate_metrics(self, after: int) -> None:
+        """Drop records of steps the resumed run will redo, so each step appears once."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= after:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+        atomic_write_bytes(path, "".join(kept).encode())
+
+    def _write_run_config(self) -> None:
+        record = {
+            "train": self.config.to_dict(),
+            "model": self.model_config.to_dict(),
+            "parameters": self.model.num_parameters(),
+            "dataset": {
+                "name": self.corpus.name,
+                "path": str(self.corpus.path),
+                "bytes": self.corpus.size_bytes,
+                "train_bytes": len(self.corpus.train),
+                "val_bytes": len(self.corpus.val),
+            },
+            "nexus_version": __version__,
+        }
+        atomic_write_bytes(self.out_dir / CONFIG_FILE, json.dumps(record, indent=2).encode())
+        self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to max_steps; returns the last eval record."""
+        config = self.config
+        torch.set_flush_denormal(True)  # decays underflow to subnormals, 10x slower on x86
+        self.model.train()
+        last_eval: dict[str, Any] = {}
+        start = time.perf_counter()
+        elapsed_before = self.state.elapsed_s
+        window_start, window_tokens = time.perf_counter(), 0
+        self.bar = bar = self._progress_bar()
+        for step in range(self.state.step + 1, config.max_steps + 1):
+            loss, grad_norm, lr = self._train_step(step)
+            self.state.step = step
+            self.state.elapsed_s = elapsed_before + time.perf_counter() - start
+            window_tokens += config.tokens_per_step
+            if step % config.log_interval == 0 or step == config.max_steps:
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_tokens = time.perf_counter(), 0
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": self.state.elapsed_s,
+                }
+                self._append_metrics(record)
+                self._show_train(bar, record)
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                last_eval = self._evaluate(step, lr)
+                self._checkpoint(step, last_eval)
+        if bar is not None:
+            bar.close()
+            self.bar = None
+        return last_eval
+
+    def _train_step(self, step: int) -> tuple[float, float, float]:
+        config = self.config
+        lr = lr_at(step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for micro_step in range(config.grad_accum):
+            inputs, targets = train_batch(
+                self.corpus,
+                seed=config.seed,
+                step=step,
+                micro_step=micro_step,
+                batch_size=config.micro_batch,
+                seq_len=self.model_config.seq_len,
+            )
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with autocast(self.device):
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            (loss / config.grad_accum).backward()
+            total_loss += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        return total_loss / config.grad_accum, float(grad_norm), lr
+
+    def _evaluate(self, step: int, lr: float) -> dict[str, Any]:
+        config = self.config
+        train_loss = evaluate_loss(self.model, self.train_eval_batches, self.device)
+        val_loss = evaluate_loss(self.model, self.val_batches, self.device)
+        prompt = config.sample_prompt.encode()
+        continuation = generate(
+            self.model,
+            prompt,
+            config.sample_bytes,
+            temperature=SAMPLE_TEMPERATURE,
+            seed=config.seed,
+        )
+        record = {
+            "kind": "eval",
+            "step": step,
+            "train_loss": train_loss,
+            "train_ppl": safe_exp(train_loss),
+            "val_loss": val_loss,
+            "val_ppl": safe_exp(val_loss),
+            "lr": lr,
+            "sample": (prompt + continuation).decode("utf-8", errors="replace"),
+            "elapsed_s": self.state.elapsed_s,
+            "tokens_seen": step * config.tokens_per_step,
+        }
+        self._append_metrics(record)
+        self._log(
+            f"step {step}: train loss {train_loss:.4f} (ppl {record['train_ppl']:.2f}), "
+            f"val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f}), lr {lr:.3e}\n"
+            f"  sample: {record['sample'][:120]!r}"
+        )
+        return record
+
+    def _checkpoint(self, step: int, eval_record: dict[str, Any]) -> None:
+        is_best = math.isfinite(eval_record["val_loss"]) and (
+            eval_record["val_loss"] < self.state.best_val_loss
+        )
+        if is_best:
+            self.state.best_val_loss, self.state.best_step = eval_record["val_loss"], step
+        payload = None
+        if step % self.config.checkpoint_interval == 0 or step == self.config.max_steps:
+            payload = self._save(checkpoint_path(self.out_dir, step), eval_record)
+        if is_best:
+            if payload is None:
+                self._save(self.out_dir / BEST_FILE, eval_record)
+            else:
+                atomic_write_bytes(self.out_dir / BEST_FILE, payload)
+        self._write_report()
+
+    def _save(self, path: Path, eval_record: dict[str, Any]) -> bytes:
+        meta = {
+            "step": self.state.step,
+            "train_config": self.config.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "metrics": eval_record,
+            "best_val_loss": self.state.best_val_loss,
+            "best_step": self.state.best_step,
+            "elapsed_s": self.state.elapsed_s,
+            "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
+            "scheduler": {"kind": "linear-warmup-cosine", "step": self.state.step},
+            "data_position": {"seed": self.config.seed, "next_step": self.state.step + 1},
+            "nexus_version": __version__,
+        }
+        return save_checkpoint(
+            path,
+            model_state_for_saving(self.model),
+            optimizer_tensors(self.optimizer),
+            meta,
+            rng_state=torch.get_rng_state(),
+        )
+
+    # --- records and output -------------------------------------------------------------
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with (self.out_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _write_report(self) -> None:
+        # The report is a by-product: a failure there must not end an hour of training.
+        try:
+            from nexus.report import write_report
+
+            write_report(self.out_dir)
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            self._log(f"warning: TRAINING_PROGRESS.md not updated ({reason})")
+
+    def _progress_bar(self) -> Any:
+        if not self.show_progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.config.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True
+        )
+
+    def _show_train(self, bar: Any, record: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(record["step"] - bar.n)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            return
+        remaining = self.config.max_steps - record["step"]
+        eta_s = remaining * self.config.tokens_per_step / max(record["tokens_per_s"], 1e-9)
+        self._log(
+            f"step {record['step']}/{self.config.max_steps} loss {record['loss']:.4f} "
+            f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+            f"{record['tokens_per_s']:.0f} tok/s eta {eta_s / 60:.1f} min"
+        )
+
+    def _log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.log_stream)
+        else:
+            print(message, file=self.log_stream, flush=True)
+
+
+def train(
+    config: TrainConfig, *, resume: str | Path | bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Train a run as configured; returns the last eval record."""
+    return Trainer(config, resume=resume, force=force).run()

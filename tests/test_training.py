@@ -1,0 +1,187 @@
+"""The training pipeline end to end on the tiny preset: learning, resume, best tracking,
+crash safety of checkpoint writes, and loading a checkpoint in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from nexus.checkpoint import load_checkpoint, read_header
+from nexus.errors import NexusError
+from nexus.training import Trainer
+
+
+def evals(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["kind"] == "eval"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(text_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    Trainer(tiny_config(text_corpus, out), progress=False).run()
+    return out
+
+
+def test_loss_falls_well_below_uniform(text_corpus: Path, tmp_path: Path) -> None:
+    config = tiny_config(text_corpus, tmp_path / "run", max_steps=40, eval_interval=20)
+    last = Trainer(config, progress=False).run()
+    assert last["step"] == 40
+    assert last["val_loss"] < 0.6 * math.log(256), last
+    assert math.isclose(last["val_ppl"], math.exp(last["val_loss"]), rel_tol=1e-9)
+    assert last["sample"].startswith("To be")
+
+
+def test_run_directory_contents(finished_run: Path) -> None:
+    names = {p.name for p in finished_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "best.bin"} <= names
+    assert {f"step_{n}.bin" for n in (2, 4, 6, 8)} <= names
+    saved = json.loads((finished_run / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 8
+    assert saved["model"]["d_model"] == 64
+    assert (
+        saved["dataset"]["bytes"] == saved["dataset"]["train_bytes"] + saved["dataset"]["val_bytes"]
+    )
+    assert sorted(evals(finished_run)) == [2, 4, 6, 8]
+
+
+def test_best_checkpoint_is_the_lowest_val_loss(finished_run: Path) -> None:
+    records = evals(finished_run)
+    best_step = min(records, key=lambda step: records[step]["val_loss"])
+    assert read_header(finished_run / "best.bin")["step"] == str(best_step)
+    best_bytes = (finished_run / "best.bin").read_bytes()
+    assert best_bytes == (finished_run / f"step_{best_step}.bin").read_bytes()
+    assert load_checkpoint(finished_run / "best.bin").meta["best_val_loss"] == pytest.approx(
+        records[best_step]["val_loss"]
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_run(finished_run: Path, tmp_path: Path) -> None:
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed_dir)
+    for step in (6, 8):
+        (resumed_dir / f"step_{step}.bin").unlink()  # as if stopped right after step 4
+    config = tiny_config(
+        Path(json.loads((finished_run / "config.json").read_text())["dataset"]["path"]), resumed_dir
+    )
+    Trainer(config, resume=True, progress=False).run()
+    original, resumed = evals(finished_run), evals(resumed_dir)
+    for step in (6, 8):
+        for key in ("train_loss", "val_loss", "lr", "sample"):
+            assert resumed[step][key] == original[step][key], (step, key)
+    lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [(json.loads(x)["kind"], json.loads(x)["step"]) for x in lines]
+    assert len(steps) == len(set(steps)), "a resumed step was recorded twice"
+
+
+def test_existing_run_is_refused_without_resume_or_force(
+    finished_run: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    with pytest.raises(NexusError, match="already holds a run; pass --resume"):
+        Trainer(tiny_config(text_corpus, copy), progress=False)
+    Trainer(tiny_config(text_corpus, copy, max_steps=2), force=True, progress=False).run()
+    assert sorted(evals(copy)) == [2]
+    assert not (copy / "step_8.bin").exists()
+
+
+def test_resume_with_nothing_to_resume(text_corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(NexusError, match="nothing to resume"):
+        Trainer(tiny_config(text_corpus, tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_resume_with_a_different_model_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    data = json.loads((copy / "config.json").read_text())["dataset"]["path"]
+    config = tiny_config(Path(data), copy, model={"d_state": 4})
+    with pytest.raises(NexusError, match=r"different model config.*d_state 8 \(checkpoint\) vs 4"):
+        Trainer(config, resume=True, progress=False)
+
+
+KILL_DURING_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import nexus.checkpoint as checkpoint
+    from conftest import tiny_config
+    from nexus.training import Trainer
+
+    real_replace = os.replace
+    def dying_replace(src, dst):
+        if str(dst).endswith("step_4.bin"):
+            os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written, not yet renamed
+        real_replace(src, dst)
+    checkpoint.os.replace = dying_replace
+    Trainer(tiny_config(sys.argv[1], sys.argv[2]), progress=False).run()
+    """
+)
+
+
+def test_kill_during_a_checkpoint_write_keeps_earlier_checkpoints(
+    text_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_WRITE, str(text_corpus), str(out)],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -9, child.stderr
+    assert not (out / "step_4.bin").exists()
+    assert load_checkpoint(out / "step_2.bin").step == 2
+    assert load_checkpoint(out / "best.bin").step == 2
+    Trainer(tiny_config(text_corpus, out), resume=True, progress=False).run()
+    assert load_checkpoint(out / "step_8.bin").step == 8
+
+
+def test_checkpoint_loads_in_a_fresh_process(finished_run: Path) -> None:
+    data = json.loads((finished_run / "config.json").read_text())["dataset"]["path"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nexus",
+            "eval",
+            str(finished_run / "step_8.bin"),
+            "--data",
+            data,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["val_loss"] == pytest.approx(evals(finished_run)[8]["val_loss"], abs=1e-6)
+    assert report["val_ppl"] == pytest.approx(math.exp(report["val_loss"]))
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nexus",
+            "sample",
+            str(finished_run / "best.bin"),
+            "--prompt",
+            "To be",
+            "--max_new_tokens",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith(b"To be") and len(sample.stdout) == len(b"To be") + 20 + 1
