@@ -81,7 +81,8 @@ def selective_scan_reference(
     batch, _, dim = x.shape
     state = x.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
     ys = []
-    for x_t, dt_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), Bm.unbind(1), Cm.unbind(1)):
+    steps = zip(x.unbind(1), dt.unbind(1), Bm.unbind(1), Cm.unbind(1), strict=True)
+    for x_t, dt_t, B_t, C_t in steps:
         y_t, state = selective_scan_step(state, x_t, dt_t, A, B_t, C_t, Dskip)
         ys.append(y_t)
     y = torch.stack(ys, dim=1)  # (B, T, D)
