@@ -1,0 +1,739 @@
+"""TRAINING_PROGRESS.md: reading a run directory's records (config.json, metrics.jsonl, the
+checkpoint files) and rendering them, with the forecast, as the progress page; and the backtest
+of the forecast on a run. Every number, verdict and sentence comes from the records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nexus.config import ModelConfig, TrainConfig
+from nexus.errors import NexusError
+from nexus.forecast import Forecast, ScheduleAreas, backtest_curve, forecast_val_loss
+from nexus.forecast import format_backtest as format_backtest
+from nexus.schedule import lr_at
+
+REPORT_NAME = "TRAINING_PROGRESS.md"
+PLOT_NAME = "training_progress.png"
+# Over-fitting verdict when val loss still falls: a gap above this that has also grown by more
+# than GAP_GROWTH_NATS since the first eval. A steady gap is the train/val split's own difference.
+GAP_NATS = 0.10
+GAP_GROWTH_NATS = 0.05
+FINAL_ANNEALING = 0.25  # the last quarter of the LR's way down from the peak to the floor
+CHART_HEIGHT = 10
+CHART_MAX_COLUMNS = 20
+SAMPLE_CHARS = 80
+SAMPLES_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    step: int
+    train_loss: float
+    train_ppl: float
+    val_loss: float
+    val_ppl: float
+    lr: float
+    sample: str
+    elapsed_s: float
+    tokens_seen: float
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    size_bytes: int
+    step: int | None  # from the file name (step_N.bin) or, for best.bin, from its header
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything the report says, read once from the run directory."""
+
+    name: str
+    train: TrainConfig
+    model: ModelConfig
+    parameters: int | None
+    dataset: dict[str, Any]
+    evals: tuple[EvalRecord, ...]  # one per step, the latest record winning, by step
+    train_logs: tuple[TrainRecord, ...]
+    skipped_lines: int  # unreadable metrics lines, e.g. a truncated last line
+    checkpoints: tuple[Checkpoint, ...]
+    dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
+
+    @property
+    def last_step(self) -> int:
+        return max([r.step for r in self.evals] + [r.step for r in self.train_logs] + [0])
+
+    @property
+    def finite_evals(self) -> list[EvalRecord]:
+        return [r for r in self.evals if math.isfinite(r.val_loss)]
+
+    @property
+    def best(self) -> EvalRecord | None:
+        finite = self.finite_evals
+        return min(finite, key=lambda r: (r.val_loss, r.step)) if finite else None
+
+    def eval_steps(self) -> list[int]:
+        """The scheduled eval steps up to max_steps, plus any step the records hold besides."""
+        interval, last = self.train.eval_interval, self.train.max_steps
+        scheduled = set(range(interval, last + 1, interval)) | {last}
+        return sorted(scheduled | {r.step for r in self.evals})
+
+
+# ---------------------------------------------------------------------------- reading a run
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a run directory; a NexusError says what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NexusError(
+            f"run directory {str(run_dir)!r} does not exist; pass the out_dir of a training run"
+        )
+    config = _read_config(run_dir / "config.json")
+    train = TrainConfig.from_dict(config["train"])
+    model = ModelConfig.from_dict(config["model"]) if "model" in config else train.model_config()
+    evals, train_logs, skipped = _read_metrics(run_dir / "metrics.jsonl")
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    parameters = config.get("parameters")
+    return Run(
+        name=run_dir.resolve().name,
+        train=train,
+        model=model,
+        parameters=parameters if isinstance(parameters, int) else None,
+        dataset=dataset,
+        evals=evals,
+        train_logs=train_logs,
+        skipped_lines=skipped,
+        checkpoints=_read_checkpoints(run_dir),
+        dataset_words=_dataset_words(dataset.get("path")),
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise NexusError(
+            f"no config.json in {str(path.parent)!r}: not a Nexus run directory "
+            "(the trainer writes config.json when a run starts)"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NexusError(
+            f"{str(path)!r} is not valid JSON ({error}); rerun or restore it"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        raise NexusError(f"{str(path)!r} has no 'train' table; it was not written by Nexus")
+    return config
+
+
+def _read_metrics(path: Path) -> tuple[tuple[EvalRecord, ...], tuple[TrainRecord, ...], int]:
+    evals: dict[int, EvalRecord] = {}
+    logs: dict[int, TrainRecord] = {}
+    skipped = 0
+    lines = (
+        path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    )
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            skipped += 1
+            continue
+        if not isinstance(step, int) or isinstance(step, bool):
+            skipped += 1
+        elif record.get("kind") == "eval":
+            evals[step] = _eval_record(step, record)  # after a resume the later record wins
+        elif record.get("kind") == "train":
+            logs[step] = _train_record(step, record)
+        else:
+            skipped += 1
+    return tuple(evals[s] for s in sorted(evals)), tuple(logs[s] for s in sorted(logs)), skipped
+
+
+def _number(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number else math.nan
+
+
+def _eval_record(step: int, record: dict[str, Any]) -> EvalRecord:
+    sample = record.get("sample")
+    return EvalRecord(
+        step=step,
+        train_loss=_number(record, "train_loss"),
+        train_ppl=_number(record, "train_ppl"),
+        val_loss=_number(record, "val_loss"),
+        val_ppl=_number(record, "val_ppl"),
+        lr=_number(record, "lr"),
+        sample=sample if isinstance(sample, str) else "",
+        elapsed_s=_number(record, "elapsed_s"),
+        tokens_seen=_number(record, "tokens_seen"),
+    )
+
+
+def _train_record(step: int, record: dict[str, Any]) -> TrainRecord:
+    return TrainRecord(
+        step=step,
+        loss=_number(record, "loss"),
+        lr=_number(record, "lr"),
+        tokens_per_s=_number(record, "tokens_per_s"),
+        elapsed_s=_number(record, "elapsed_s"),
+    )
+
+
+def _read_checkpoints(run_dir: Path) -> tuple[Checkpoint, ...]:
+    found = []
+    for path in run_dir.glob("*.bin"):
+        match = re.fullmatch(r"step_(\d+)\.bin", path.name)
+        if match:
+            step = int(match.group(1))
+        elif path.name == "best.bin":
+            step = checkpoint_step(path)
+        else:
+            continue
+        found.append(Checkpoint(path.name, path.stat().st_size, step))
+    # step_N files in step order, best.bin last
+    return tuple(sorted(found, key=lambda c: (c.name == "best.bin", c.step or 0, c.name)))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a safetensors checkpoint holds, from its header; None if unreadable."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > 100_000_000:
+                return None
+            header = json.loads(file.read(length))
+        return int(header["__metadata__"]["step"])
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return None
+
+
+def _dataset_words(path: Any) -> frozenset[str]:
+    if not isinstance(path, str) or not Path(path).is_file():
+        return frozenset()
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    return frozenset(re.findall(r"[a-z]+", text.lower()))
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def write_report(run_dir: Path) -> Path:
+    """Rewrite TRAINING_PROGRESS.md and training_progress.png in `run_dir`; return the md path."""
+    from nexus.plot import plot_progress  # matplotlib loads only when a report is written
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    forecast = run_forecast(run)
+    path = run_dir / REPORT_NAME
+    _write_atomically(path, render_report(run, forecast).encode("utf-8"))
+    _write_atomically(run_dir / PLOT_NAME, plot_progress(run, forecast))
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def run_forecast(run: Run, areas: ScheduleAreas | None = None) -> Forecast:
+    """The forecast of the val loss at the eval steps still to come."""
+    evals = run.evals
+    last_eval = evals[-1].step if evals else 0
+    future = [s for s in run.eval_steps() if s > last_eval and s <= run.train.max_steps]
+    steps, losses = [r.step for r in evals], [r.val_loss for r in evals]
+    return forecast_val_loss(steps, losses, run.train, future, areas)
+
+
+def backtest(run_dir: Path, cutoff_step: int | None = None) -> dict:
+    """Forecast the run's last recorded val loss from the evals up to `cutoff_step` (default:
+    half of max_steps) and compare with what it reached, beside the naive forecasts."""
+    run = load_run(Path(run_dir))
+    steps, losses = [r.step for r in run.evals], [r.val_loss for r in run.evals]
+    return backtest_curve(steps, losses, run.train, cutoff_step)
+
+
+def render_report(run: Run, forecast: Forecast) -> str:
+    """The whole TRAINING_PROGRESS.md text: a pure function of the run's records."""
+    rule = "---"
+    parts = [
+        _title(run),
+        _architecture(run),
+        _configuration(run),
+        rule,
+        _progress_table(run),
+        rule,
+        _trend(run),
+        _observations(run, forecast),
+        rule,
+        _predictions(run, forecast),
+        rule,
+        _checkpoints(run),
+        rule,
+        f"*Last updated: Step {run.last_step}*",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _title(run: Run) -> str:
+    lines = [
+        "# Nexus Training Progress",
+        "",
+        f"Run `{run.name}`: step {run.last_step:,} of {run.train.max_steps:,} "
+        f"({100 * run.last_step / run.train.max_steps:.0f} %), {len(run.evals)} eval"
+        f"{'' if len(run.evals) == 1 else 's'} recorded.",
+    ]
+    if run.skipped_lines:
+        lines.append(
+            f"{run.skipped_lines} unreadable line{'s' if run.skipped_lines > 1 else ''} in "
+            "metrics.jsonl left out (a run stopped mid-write leaves a truncated last line)."
+        )
+    return "\n".join(lines)
+
+
+def _architecture(run: Run) -> str:
+    model = run.model
+    attention = len(model.attention_layers)
+    ssm = model.n_layers - attention
+    kind = (
+        "Jamba-style hybrid" if attention and ssm else "pure attention" if attention else "pure SSM"
+    )
+    kv = f"KV heads: {model.n_kv_heads}" + (" - GQA" if model.n_kv_heads < model.n_heads else "")
+    params = _count(run.parameters) if run.parameters is not None else "unknown"
+    return "\n".join(
+        [
+            "## Model Architecture",
+            f"- **Parameters**: {params}",
+            f"- **d_model**: {model.d_model}",
+            f"- **n_heads**: {model.n_heads} ({kv})",
+            f"- **layers**: {model.n_layers} ({attention} attention, {ssm} SSM - {kind})",
+            f"- **seq_len**: {model.seq_len}",
+            f"- **vocab_size**: {model.vocab_size} (byte-level)",
+        ]
+    )
+
+
+def _configuration(run: Run) -> str:
+    train = run.train
+    effective = train.micro_batch * train.grad_accum
+    return "\n".join(
+        [
+            "## Training Configuration",
+            f"- **learning_rate**: {_lr(train.lr)} (peak, cosine decay to {_lr(train.min_lr)})",
+            f"- **weight_decay**: {train.weight_decay:g}",
+            f"- **batch_size**: {train.micro_batch} (effective: {effective} with "
+            f"grad_accum={train.grad_accum}; {train.tokens_per_step:,} tokens per step)",
+            f"- **warmup_steps**: {train.warmup_steps}",
+            f"- **max_steps**: {train.max_steps:,}",
+            f"- **eval_interval**: {train.eval_interval}",
+            f"- **dataset**: {_dataset(run.dataset)}",
+        ]
+    )
+
+
+def _dataset(dataset: dict[str, Any]) -> str:
+    name = dataset.get("name") or "unknown"
+    size = dataset.get("bytes")
+    if not isinstance(size, int):
+        return str(name)
+    split = ""
+    if isinstance(dataset.get("train_bytes"), int) and isinstance(dataset.get("val_bytes"), int):
+        split = f"; {dataset['train_bytes']:,} train / {dataset['val_bytes']:,} val"
+    return f"{name} ({size:,} bytes{split})"
+
+
+def _progress_table(run: Run) -> str:
+    by_step = {r.step: r for r in run.evals}
+    best = run.best
+    lines = [
+        "## Checkpoint Progress Chart",
+        "",
+        "| Step | Train Loss | Train PPL | Val Loss | Val PPL | LR | Best? |",
+        "|------|------------|-----------|----------|---------|-----|-------|",
+    ]
+    for step in run.eval_steps():
+        record = by_step.get(step)
+        if record is None:
+            lr = _lr(lr_at(step, run.train)) if step > 0 else "-"
+            lines.append(f"| {step} | - | - | - | - | {lr} | - |")
+            continue
+        star = "⭐" if best is not None and record.step == best.step else "-"
+        lines.append(
+            f"| {step} | {_loss(record.train_loss)} | {_ppl(record.train_ppl)} | "
+            f"{_loss(record.val_loss)} | {_ppl(record.val_ppl)} | {_lr(record.lr)} | {star} |"
+        )
+    return "\n".join(lines)
+
+
+def _trend(run: Run) -> str:
+    points = [(r.step, r.val_loss) for r in run.finite_evals]
+    if not points:
+        return "## Validation Loss Trend\n\nNo finite val loss recorded yet."
+    return "\n".join(["## Validation Loss Trend", "", "```", val_loss_chart(points), "```"])
+
+
+def val_loss_chart(points: list[tuple[int, float]], height: int = CHART_HEIGHT) -> str:
+    """A box-drawing chart of val loss against step: the y-axis runs from the largest value
+    (top row) to the smallest (bottom row); each point is a ● joined by lines, steps and values
+    are written under the axis. Long runs show an even selection that keeps both extremes."""
+    points = _chart_points(points)
+    values = [v for _, v in points]
+    top, bottom = max(values), min(values)
+    rows = 1 if top == bottom else height
+    row_of = [0 if rows == 1 else round((top - v) / (top - bottom) * (rows - 1)) for v in values]
+    width = 8  # characters per point: room for "1.2345" and a step of up to six digits
+    grid = [[" "] * (width * len(points)) for _ in range(rows)]
+    columns = [width // 2 + width * i for i in range(len(points))]
+    for i in range(len(points) - 1):
+        _join(grid, columns[i], row_of[i], columns[i + 1], row_of[i + 1])
+    for column, row in zip(columns, row_of, strict=True):
+        grid[row][column] = "●"
+    labels = [top - (top - bottom) * r / (rows - 1) if rows > 1 else top for r in range(rows)]
+    lines = ["Val loss"]
+    lines += [
+        f"{label:7.4f} ┤{''.join(row).rstrip()}" for label, row in zip(labels, grid, strict=True)
+    ]
+    lines.append(" " * 8 + "└" + "─" * (width * len(points)) + "─ step")
+    lines.append(" " * 9 + "".join(f"{step:^{width}d}" for step, _ in points).rstrip())
+    lines.append(" " * 9 + "".join(f"{v:^{width}.4f}" for v in values).rstrip() + "   val loss")
+    return "\n".join(lines)
+
+
+def _chart_points(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    if len(points) <= CHART_MAX_COLUMNS:
+        return points
+    keep = set(np.linspace(0, len(points) - 1, CHART_MAX_COLUMNS - 2).round().astype(int).tolist())
+    values = [v for _, v in points]
+    keep |= {int(np.argmax(values)), int(np.argmin(values))}
+    return [points[i] for i in sorted(keep)]
+
+
+def _join(grid: list[list[str]], c1: int, r1: int, c2: int, r2: int) -> None:
+    """Draw the line from the point at (r1, c1) to the next at (r2, c2); rows grow downwards."""
+    if r2 > r1:  # falling: down from the first point, then across to the second
+        for row in range(r1 + 1, r2):
+            grid[row][c1] = "│"
+        grid[r2][c1] = "└"
+        for column in range(c1 + 1, c2):
+            grid[r2][column] = "─"
+    elif r2 < r1:  # rising: across from the first point, then up to the second
+        for column in range(c1 + 1, c2):
+            grid[r1][column] = "─"
+        grid[r1][c2] = "┘"
+        for row in range(r2 + 1, r1):
+            grid[row][c2] = "│"
+    else:
+        for column in range(c1 + 1, c2):
+            grid[r1][column] = "─"
+
+
+def _observations(run: Run, forecast: Forecast) -> str:
+    evals = run.finite_evals
+    if not evals:
+        first = run.eval_steps()[0]
+        return (
+            "## Key Observations\n\nNo finite val loss recorded yet; observations start with "
+            f"the first eval at step {first}.\n\n" + "\n".join(_learning_rate(run))
+        )
+    sections = [
+        ("Loss Progression", _progression(run)),
+        ("Over-fitting Check", _gap(run, forecast)),
+        ("Perplexity", _perplexity(evals)),
+        ("Sample Quality Evolution", _samples(run)),
+        ("Learning Rate", _learning_rate(run)),
+        ("Throughput", _throughput(run)),
+    ]
+    parts = ["## Key Observations"]
+    parts += [f"### {title}\n" + "\n".join(lines) for title, lines in sections if lines]
+    return "\n\n".join(parts)
+
+
+def _progression(run: Run) -> list[str]:
+    evals = run.finite_evals
+    first, last = evals[0], evals[-1]
+    lines = [
+        f"- **Val loss**: {_series([r.val_loss for r in evals])}"
+        + _change(first.val_loss, last.val_loss, first.step, last.step),
+        f"- **Train loss** (eval on the train split): "
+        f"{_series([r.train_loss for r in evals])}"
+        + _change(first.train_loss, last.train_loss, first.step, last.step),
+    ]
+    if len(evals) >= 2:
+        previous = evals[-2]
+        delta = last.val_loss - previous.val_loss
+        lines.append(
+            f"- **Latest eval**: val loss {delta:+.4f} ({100 * delta / previous.val_loss:+.1f} %) "
+            f"from step {previous.step} to step {last.step}"
+        )
+    best = run.best
+    lines.append(f"- **Best val loss**: {best.val_loss:.4f} at step {best.step}")
+    bad = [r.step for r in run.evals if not math.isfinite(r.val_loss)]
+    if bad:
+        lines.append(
+            f"- **Non-finite val loss** at step{'s' if len(bad) > 1 else ''} "
+            f"{', '.join(map(str, bad))}: left out of the trend, the best and the forecast"
+            + (" — the run has diverged" if bad[-1] == run.evals[-1].step else "")
+        )
+    return lines
+
+
+def _gap(run: Run, forecast: Forecast) -> list[str]:
+    evals = [r for r in run.finite_evals if math.isfinite(r.train_loss)]
+    threshold = (
+        f"threshold: val loss rising for 2 evals by more than 0.01 nats, or a gap above "
+        f"{GAP_NATS} nats that has grown by more than {GAP_GROWTH_NATS} since the first eval"
+    )
+    if not evals:
+        return ["- **Gap**: no eval with both losses finite yet"]
+    first, last = evals[0], evals[-1]
+    gap, growth = (
+        last.val_loss - last.train_loss,
+        (last.val_loss - last.train_loss) - (first.val_loss - first.train_loss),
+    )
+    lines = [
+        f"- **Gap**: val {last.val_loss:.4f} − train {last.train_loss:.4f} = {gap:.4f} nats at "
+        f"step {last.step}"
+        + (f" ({growth:+.4f} since step {first.step})" if len(evals) > 1 else "")
+    ]
+    if forecast.status == "rising":
+        verdict = "over-fitting — val loss has turned upward (see Predictions)"
+    elif gap > GAP_NATS and growth > GAP_GROWTH_NATS:
+        verdict = "early over-fitting — the gap is widening while val loss still falls"
+    else:
+        verdict = "no over-fitting"
+    lines.append(f"- **Verdict**: {verdict} ({threshold})")
+    return lines
+
+
+def _perplexity(evals: list[EvalRecord]) -> list[str]:
+    lines = []
+    for label, values in (
+        ("Val PPL", [r.val_ppl for r in evals]),
+        ("Train PPL", [r.train_ppl for r in evals]),
+    ):
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            change = f" ({_percent(finite[0], finite[-1])})" if len(finite) > 1 else ""
+            lines.append(f"- **{label}**: {finite[0]:.2f} → {finite[-1]:.2f}{change}")
+    return lines
+
+
+def _samples(run: Run) -> list[str]:
+    with_sample = [r for r in run.evals if r.sample]
+    if not with_sample:
+        return []
+    picks = np.linspace(0, len(with_sample) - 1, min(SAMPLES_SHOWN, len(with_sample)))
+    lines = []
+    for index in sorted(set(picks.round().astype(int).tolist())):
+        record = with_sample[index]
+        words = re.findall(r"[a-z]+", record.sample.lower())
+        known = ""
+        if run.dataset_words and words:
+            share = sum(w in run.dataset_words for w in words) / len(words)
+            known = f" — {100 * share:.0f} % of its {len(words)} words occur in the training text"
+        lines.append(f"- Step {record.step}: {_code(_shorten(record.sample))}{known}")
+    return lines
+
+
+def _learning_rate(run: Run) -> list[str]:
+    train, step = run.train, run.last_step
+    if step == 0:
+        return [f"- Warmup to the peak {_lr(train.lr)} over {train.warmup_steps} steps, not begun"]
+    lr = lr_at(step, train)
+    share = 100 * lr / train.lr
+    floor = f"the floor {_lr(train.min_lr)}, {100 * train.min_lr / train.lr:.0f} % of peak"
+    if step <= train.warmup_steps:
+        phase = f"linear warmup (step {step} of {train.warmup_steps})"
+    elif step >= train.max_steps:
+        phase = f"finished, at {floor}"
+    else:
+        decay = (step - train.warmup_steps) / (train.max_steps - train.warmup_steps)
+        left = (lr - train.min_lr) / (train.lr - train.min_lr) if train.lr > train.min_lr else 0
+        stage = "final annealing" if left < FINAL_ANNEALING else "cosine decay"
+        phase = f"{stage}: {100 * decay:.0f} % of the decay done; it ends at {floor}"
+    return [
+        f"- **Current**: {_lr(lr)} at step {step} ({share:.0f} % of the {_lr(train.lr)} peak)",
+        f"- **Phase**: {phase}",
+    ]
+
+
+def _throughput(run: Run) -> list[str]:
+    logs = [r for r in run.train_logs if math.isfinite(r.tokens_per_s) and r.tokens_per_s > 0]
+    if not logs:
+        return []
+    rate = float(np.median([r.tokens_per_s for r in logs[-10:]]))
+    lines = [f"- **Speed**: {rate:,.0f} tokens/s (median of the last {min(10, len(logs))} logs)"]
+    elapsed = run.train_logs[-1].elapsed_s
+    if math.isfinite(elapsed):
+        lines.append(f"- **Elapsed**: {_duration(elapsed)} at step {run.train_logs[-1].step}")
+    remaining = run.train.max_steps - run.last_step
+    if remaining > 0:
+        left = remaining * run.train.tokens_per_step / rate
+        lines.append(f"- **Remaining**: about {_duration(left)} for {remaining:,} steps")
+    return lines
+
+
+def _predictions(run: Run, forecast: Forecast) -> str:
+    title = "## Predictions for Remaining Training"
+    ignored = (
+        f"\n\nLeft out of the fit: non-finite val loss at step(s) "
+        f"{', '.join(map(str, forecast.ignored_steps))}."
+        if forecast.ignored_steps
+        else ""
+    )
+    if forecast.status != "ok":
+        return f"{title}\n\nNo forecast: {forecast.message}.{ignored}"
+    lines = [
+        title,
+        "",
+        "| Step | Predicted Val Loss | Interval | Predicted Val PPL |",
+        "|------|--------------------|----------|-------------------|",
+    ]
+    for step, value, low, high in zip(
+        forecast.steps, forecast.predicted, forecast.lower, forecast.upper, strict=True
+    ):
+        lines.append(f"| {step} | {value:.4f} | {low:.4f} – {high:.4f} | {_ppl(math.exp(value))} |")
+    last = run.finite_evals[-1]
+    final, final_step = forecast.predicted[-1], forecast.steps[-1]
+    lines += [
+        "",
+        f"Expected final improvement: val loss {last.val_loss:.4f} → {final:.4f} "
+        f"({_percent(last.val_loss, final)}), val PPL {math.exp(last.val_loss):.2f} → "
+        f"{math.exp(final):.2f} ({_percent(math.exp(last.val_loss), math.exp(final))}) "
+        f"from step {last.step} to step {final_step}.",
+        "",
+        f"Model: the median prediction of four learning-curve shapes {forecast.message}. The "
+        f"LR-annealing fit (Tissue et al. 2024) is `{forecast.fit.formula()}` (RMSE "
+        f"{forecast.fit.rmse:.4f}), where S1 is the area under the LR schedule in steps at the "
+        "peak LR and S2 the annealing area, the LR drops summed with momentum.",
+        "",
+        f"Interval: {forecast.interval_note}.",
+    ]
+    return "\n".join(lines) + ignored
+
+
+def _checkpoints(run: Run) -> str:
+    title = "## Checkpoints Saved"
+    if not run.checkpoints:
+        return f"{title}\n\nNo checkpoint files in the run directory yet."
+    best = run.best
+    lines = [title]
+    for checkpoint in run.checkpoints:
+        line = f"- `{checkpoint.name}` ({_size(checkpoint.size_bytes)})"
+        if checkpoint.name == "best.bin":
+            line += _best_file_note(checkpoint, best)
+        elif best is not None and checkpoint.step == best.step:
+            line += f" ← current best (val loss {best.val_loss:.4f})"
+        lines.append(line)
+    if not any(c.name == "best.bin" for c in run.checkpoints):
+        lines.append("- no `best.bin` yet")
+    return "\n".join(lines)
+
+
+def _best_file_note(checkpoint: Checkpoint, best: EvalRecord | None) -> str:
+    if checkpoint.step is None:
+        return " ← its header names no step (unreadable)"
+    note = f" ← holds step {checkpoint.step}"
+    if best is not None and best.step != checkpoint.step:
+        note += f" (the records' best val loss is at step {best.step})"
+    return note
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _count(parameters: int) -> str:
+    if parameters >= 1_000_000:
+        return f"{parameters / 1e6:.2f}M"
+    return f"{parameters / 1e3:.1f}K" if parameters >= 1000 else str(parameters)
+
+
+def _lr(value: float) -> str:
+    if not math.isfinite(value):
+        return "-" if math.isnan(value) else str(value)
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _loss(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else _non_finite(value)
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else _non_finite(value)
+
+
+def _non_finite(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+
+
+def _series(values: list[float]) -> str:
+    """Up to six values joined by arrows: the first, then the latest five."""
+    shown = [_loss(v) for v in values]
+    return " → ".join(shown if len(shown) <= 6 else [shown[0], "…", *shown[-5:]])
+
+
+def _change(first: float, last: float, first_step: int, last_step: int) -> str:
+    if first_step == last_step or not (math.isfinite(first) and math.isfinite(last)):
+        return ""
+    return f" ({_percent(first, last)} from step {first_step} to step {last_step})"
+
+
+def _percent(before: float, after: float) -> str:
+    return f"{100 * (after - before) / before:+.1f} %" if before else "n/a"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
+def _shorten(sample: str) -> str:
+    """One line of at most SAMPLE_CHARS characters, with newlines and controls made visible."""
+    text = sample.replace("\r\n", "\n").replace("\n", "⏎").replace("\t", "→")
+    text = "".join(ch if ch.isprintable() else "·" for ch in text)
+    return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS - 1] + "…"
+
+
+def _code(text: str) -> str:
+    """Inline code that holds any text: a fence longer than the longest run of backticks in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    padded = f" {text} " if text.startswith("`") or text.endswith("`") or not text.strip() else text
+    return f"{fence}{padded}{fence}"
