@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from nexus.config import PRESETS, TrainConfig, preset, resolve_train_config
-from nexus.errors import NexusError
+from nexus.errors import NexusError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,18 +27,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except TrainingInterrupted as error:
+        print(f"nexus: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except NexusError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"nexus: error: {error}", file=sys.stderr)
+        print(f"nexus: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # a disk or permission problem that no check above foresaw
+        if args.debug:
+            traceback.print_exc()
+        where = f" ({error.filename})" if error.filename else ""
+        print(
+            f"nexus: error: {error.strerror or one_line(error)}{where}; check the paths, their "
+            "permissions and free disk space (--debug shows where it happened)",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("nexus: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).splitlines()) or type(error).__name__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a mistake on the command line is one line like any other error
+    (subcommand parsers inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"nexus: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexus", description=__doc__)
+    parser = OneLineParser(prog="nexus", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -91,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="forecast the final val loss from the first half of the evals and score it",
     )
     report.set_defaults(handler=run_report)
+
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face Jamba model")
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir", help="directory for config.json and model.safetensors")
+    export.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    export.set_defaults(handler=run_export)
+
+    load = commands.add_parser("import", help="write a Hugging Face Jamba model as a checkpoint")
+    load.add_argument("hf_dir", help="directory with config.json and model.safetensors")
+    load.add_argument("checkpoint", help="the checkpoint file to write (e.g. imported.bin)")
+    load.add_argument("--seq_len", type=int, help="training/eval window (default: 128)")
+    load.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    load.set_defaults(handler=run_import)
     return parser
 
 
@@ -116,20 +155,26 @@ def run_train(args: argparse.Namespace) -> None:
 
 def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
     """Resuming continues with the run's own settings unless flags or a file change them."""
-    from nexus.checkpoint import read_header
+    from nexus.checkpoint import read_meta
 
     if isinstance(args.resume, str):
-        header = read_header(args.resume)
-        if "nexus" not in header:
-            raise NexusError(f"{args.resume!r} is not a Nexus checkpoint; pass one to --resume")
-        return json.loads(header["nexus"])["train_config"]
+        settings = read_meta(args.resume).get("train_config")  # verified; never unpickled
+        if not isinstance(settings, dict):
+            raise NexusError(
+                f"checkpoint {args.resume!r} holds no training settings; pass a step_<N>.bin "
+                "written by `nexus train` to --resume"
+            )
+        return settings
     out_dir = Path(args.out_dir or TrainConfig().out_dir)
     saved = out_dir / "config.json"
     if not saved.is_file():
         return None  # the trainer reports that there is nothing to resume
     try:
-        return json.loads(saved.read_text())["train"]
-    except (json.JSONDecodeError, KeyError) as error:
+        settings = json.loads(saved.read_text())["train"]
+        if not isinstance(settings, dict):
+            raise KeyError("train")
+        return settings
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise NexusError(
             f"{str(saved)!r} is damaged ({error}); resume with --resume PATH"
         ) from None
@@ -187,7 +232,7 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise NexusError("--top_p must be in (0, 1]")
     model, _ = load_model_for_use(args.checkpoint)
-    prompt = args.prompt.encode()
+    prompt = os.fsencode(args.prompt)  # the bytes as given, even when not valid UTF-8
     torch.manual_seed(args.seed)
     continuation = generate(
         model,
@@ -209,3 +254,22 @@ def run_report(args: argparse.Namespace) -> None:
         print(format_backtest(backtest(Path(args.run_dir))))
     else:
         print(write_report(Path(args.run_dir)))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from nexus.hf import export_to_hf
+
+    out = export_to_hf(args.checkpoint, args.out_dir, overwrite=args.force)
+    print(
+        f"wrote {out} (config.json, model.safetensors): load it with "
+        f"transformers.JambaForCausalLM.from_pretrained({str(out)!r})"
+    )
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from nexus.hf import import_from_hf
+
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise NexusError("--seq_len must be a positive integer")
+    path = import_from_hf(args.hf_dir, args.checkpoint, seq_len=args.seq_len, overwrite=args.force)
+    print(f"wrote {path}: use it with `nexus sample {path}` or `nexus eval {path}`")

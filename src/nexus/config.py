@@ -148,6 +148,7 @@ class TrainConfig:
     eval_batches: int = 32  # fixed batches of eval_batch_size windows: ±0.01 nats
     eval_batch_size: int = 16
     log_interval: int = 10
+    max_bad_steps: int = 5  # non-finite steps in a row before training stops
     seed: int = 1337
     sample_prompt: str = "To be"
     sample_bytes: int = 200
@@ -178,6 +179,7 @@ class TrainConfig:
             "eval_batches",
             "eval_batch_size",
             "log_interval",
+            "max_bad_steps",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -257,9 +259,17 @@ def _expected_types(annotation: str) -> tuple[type, ...]:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML file of TrainConfig keys (and a `model` table) into a dict."""
     path = Path(path)
+    if path.is_dir():
+        raise NexusError(f"config file {str(path)!r} is a directory; pass a .toml or .yaml file")
     if not path.is_file():
         raise NexusError(f"config file {str(path)!r} does not exist; check the --config path")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise NexusError(
+            f"config file {str(path)!r} could not be read ({error.strerror or error}); "
+            "fix its permissions or pass another --config"
+        ) from None
     try:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)

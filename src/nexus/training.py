@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nexus import __version__
-from nexus.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from nexus.checkpoint import (
+    Checkpoint,
+    atomic_write_bytes,
+    load_checkpoint,
+    read_header,
+    save_checkpoint,
+)
 from nexus.config import ModelConfig, TrainConfig
 from nexus.data import ByteCorpus, dataset_name, eval_batches, resolve_dataset, train_batch
-from nexus.errors import NexusError
+from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
 from nexus.model import NexusLM
 from nexus.schedule import lr_at
@@ -139,6 +147,45 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, skipping a line cut short by a crash."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+class StopRequests:
+    """SIGINT/SIGTERM set a flag so the loop can finish its step and save; a second Ctrl-C
+    abandons the step at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def safe_exp(value: float) -> float:
     return math.exp(value) if value < 700 else math.inf
 
@@ -170,12 +217,12 @@ class Trainer:
         self.bar: Any = None
         self.device = pick_device(config.device)
         self.model_config = config.model_config()
-        resume_from = self._prepare_out_dir(resume, force)
-
+        # The data is checked first, so a mistake there never costs a run that --force clears.
         data_path = resolve_dataset(config.data)
         self.corpus = ByteCorpus.from_file(
             data_path, self.model_config.seq_len, name=dataset_name(data_path)
         )
+        resume_from = self._prepare_out_dir(resume, force)
         torch.manual_seed(config.seed)
         self.model = NexusLM(self.model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
@@ -209,27 +256,26 @@ class Trainer:
             any((out / name).exists() for name in (CONFIG_FILE, METRICS_FILE, BEST_FILE))
             or bool(checkpoint_steps(out))
         )
-        if resume:
-            if resume is True:
-                steps = checkpoint_steps(out) if out.is_dir() else []
-                if not steps:
-                    raise NexusError(
-                        f"nothing to resume: {str(out)!r} holds no step_<N>.bin checkpoint; "
-                        "start without --resume"
-                    )
-                return checkpoint_path(out, steps[-1])
-            path = Path(resume)
-            if not path.is_file():
-                raise NexusError(f"--resume {str(path)!r}: no such checkpoint file")
-            return path
-        if has_run and not force:
+        resume_from: Path | None = None
+        if resume is True:
+            steps = checkpoint_steps(out) if out.is_dir() else []
+            if steps:
+                resume_from = checkpoint_path(out, steps[-1])
+            elif not (out / CONFIG_FILE).is_file():
+                raise NexusError(
+                    f"nothing to resume: {str(out)!r} holds no run (no step_<N>.bin checkpoint); "
+                    "start without --resume, or pass the run's --out_dir"
+                )
+            # else: a run stopped before its first checkpoint; it starts again from step 0
+        elif resume:
+            resume_from = Path(resume)
+            if not resume_from.is_file():
+                raise NexusError(f"--resume {str(resume_from)!r}: no such checkpoint file")
+        elif has_run and not force:
             raise NexusError(
                 f"{str(out)!r} already holds a run; pass --resume to continue it, --force to "
                 "start over (its checkpoints are deleted), or choose another --out_dir"
             )
-        if has_run:
-            for path in [out / name for name in RUN_FILES] + list(out.glob("step_*.bin")):
-                path.unlink(missing_ok=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".nexus-write-test"
@@ -237,9 +283,24 @@ class Trainer:
             probe.unlink()
         except OSError as error:
             raise NexusError(
-                f"--out_dir {str(out)!r} is not writable ({error.strerror}); choose another"
+                f"--out_dir {str(out)!r} is not writable ({error.strerror or error}); "
+                "choose another"
             ) from None
-        return None
+        if has_run and force and not resume:
+            for path in [out / name for name in RUN_FILES] + list(out.glob("step_*.bin")):
+                path.unlink(missing_ok=True)
+        self._remove_stale_temp_files()
+        if resume is True and resume_from is None:
+            self._truncate_metrics(after=0)
+            self._log(f"no checkpoint in {out} yet: the run starts again from step 0")
+        return resume_from
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writes that a kill -9 cut short; the files they were for are intact."""
+        owned = tuple(f".{name}." for name in RUN_FILES) + (".step_",)
+        for path in self.out_dir.glob(".*.tmp"):
+            if path.name.startswith(owned) and path.is_file():
+                path.unlink(missing_ok=True)
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
@@ -259,21 +320,31 @@ class Trainer:
             elapsed_s=float(meta.get("elapsed_s", 0.0)),
         )
         self._truncate_metrics(after=checkpoint.step)
+        self._repair_best(path, checkpoint)
         self._log(f"resumed from {path} at step {checkpoint.step}")
+
+    def _repair_best(self, path: Path, checkpoint: Checkpoint) -> None:
+        """A stop between writing step_<N>.bin and best.bin leaves best.bin one best behind;
+        when step N was the best, best.bin is that very file, so copy it."""
+        if checkpoint.meta.get("best_step") != checkpoint.step:
+            return
+        if path.resolve().parent != self.out_dir.resolve():
+            return
+        best = self.out_dir / BEST_FILE
+        try:
+            current = read_header(best).get("step") if best.is_file() else None
+        except NexusError:
+            current = None
+        if current != str(checkpoint.step):
+            self._write_bytes(best, path.read_bytes())
+            self._log(f"{best} brought up to date from {path.name}")
 
     def _truncate_metrics(self, after: int) -> None:
         """Drop records of steps the resumed run will redo, so each step appears once."""
         path = self.out_dir / METRICS_FILE
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                if json.loads(line)["step"] <= after:
-                    kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by a crash
-        atomic_write_bytes(path, "".join(kept).encode())
+        if path.exists():
+            kept = [r for r in read_records(path) if r["step"] <= after]
+            self._write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _write_run_config(self) -> None:
         record = {
@@ -289,7 +360,7 @@ class Trainer:
             },
             "nexus_version": __version__,
         }
-        atomic_write_bytes(self.out_dir / CONFIG_FILE, json.dumps(record, indent=2).encode())
+        self._write_bytes(self.out_dir / CONFIG_FILE, json.dumps(record, indent=2).encode())
         self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
 
     # --- the loop -----------------------------------------------------------------------
@@ -303,33 +374,69 @@ class Trainer:
         start = time.perf_counter()
         elapsed_before = self.state.elapsed_s
         window_start, window_tokens = time.perf_counter(), 0
+        bad_steps_in_a_row = 0
         self.bar = bar = self._progress_bar()
-        for step in range(self.state.step + 1, config.max_steps + 1):
-            loss, grad_norm, lr = self._train_step(step)
-            self.state.step = step
-            self.state.elapsed_s = elapsed_before + time.perf_counter() - start
-            window_tokens += config.tokens_per_step
-            if step % config.log_interval == 0 or step == config.max_steps:
-                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                window_start, window_tokens = time.perf_counter(), 0
-                record = {
-                    "kind": "train",
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "elapsed_s": self.state.elapsed_s,
-                }
-                self._append_metrics(record)
-                self._show_train(bar, record)
-            if step % config.eval_interval == 0 or step == config.max_steps:
-                last_eval = self._evaluate(step, lr)
-                self._checkpoint(step, last_eval)
+        with StopRequests() as stop:
+            for step in range(self.state.step + 1, config.max_steps + 1):
+                loss, grad_norm, lr = self._train_step(step)
+                self.state.step = step
+                self.state.elapsed_s = elapsed_before + time.perf_counter() - start
+                window_tokens += config.tokens_per_step
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                bad_steps_in_a_row = 0 if finite else bad_steps_in_a_row + 1
+                if not finite:
+                    self._skipped_step(step, loss, grad_norm, bad_steps_in_a_row)
+                if step % config.log_interval == 0 or step == config.max_steps:
+                    tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    record = {
+                        "kind": "train",
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "elapsed_s": self.state.elapsed_s,
+                    }
+                    self._append_metrics(record)
+                    self._show_train(bar, record)
+                if step % config.eval_interval == 0 or step == config.max_steps:
+                    last_eval = self._evaluate(step, lr)
+                    self._checkpoint(step, last_eval)
+                if stop.requested:
+                    self._stop_cleanly(step, stop.signal_name)
         if bar is not None:
             bar.close()
             self.bar = None
         return last_eval
+
+    def _skipped_step(self, step: int, loss: float, grad_norm: float, in_a_row: int) -> None:
+        self._log(
+            f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+            f"update skipped ({in_a_row} in a row)"
+        )
+        if in_a_row >= self.config.max_bad_steps:
+            steps = checkpoint_steps(self.out_dir)
+            last_good = f"step_{steps[-1]}.bin" if steps else "no checkpoint yet"
+            raise NexusError(
+                f"training diverged: {in_a_row} steps in a row had non-finite loss or "
+                f"gradients (last good checkpoint: {last_good}); lower --lr or check the data, "
+                "then resume or start over"
+            )
+
+    def _stop_cleanly(self, step: int, signal_name: str) -> None:
+        if not checkpoint_path(self.out_dir, step).exists():
+            self._save(checkpoint_path(self.out_dir, step), self._last_eval_record())
+        raise TrainingInterrupted(
+            f"{signal_name} received: stopped after step {step} and saved "
+            f"{checkpoint_path(self.out_dir, step)}; continue with "
+            f"`nexus train --resume --out_dir {self.out_dir}`"
+        )
+
+    def _last_eval_record(self) -> dict[str, Any]:
+        records = read_records(self.out_dir / METRICS_FILE)
+        evals = [r for r in records if r.get("kind") == "eval"]
+        return evals[-1] if evals else {}
 
     def _train_step(self, step: int) -> tuple[float, float, float]:
         config = self.config
@@ -353,9 +460,10 @@ class Trainer:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             (loss / config.grad_accum).backward()
             total_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        return total_loss / config.grad_accum, float(grad_norm), lr
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+        if math.isfinite(total_loss) and math.isfinite(grad_norm):
+            self.optimizer.step()  # a non-finite step would poison the weights: skip it
+        return total_loss / config.grad_accum, grad_norm, lr
 
     def _evaluate(self, step: int, lr: float) -> dict[str, Any]:
         config = self.config
@@ -402,10 +510,20 @@ class Trainer:
             if payload is None:
                 self._save(self.out_dir / BEST_FILE, eval_record)
             else:
-                atomic_write_bytes(self.out_dir / BEST_FILE, payload)
+                self._write_bytes(self.out_dir / BEST_FILE, payload)
         self._write_report()
 
     def _save(self, path: Path, eval_record: dict[str, Any]) -> bytes:
+        try:
+            return self._write_checkpoint(path, eval_record)
+        except OSError as error:
+            raise NexusError(
+                f"could not write {path} ({error.strerror or error}); earlier checkpoints are "
+                f"intact. Free disk space or fix permissions, then `nexus train --resume "
+                f"--out_dir {self.out_dir}`"
+            ) from None
+
+    def _write_checkpoint(self, path: Path, eval_record: dict[str, Any]) -> bytes:
         meta = {
             "step": self.state.step,
             "train_config": self.config.to_dict(),
@@ -429,9 +547,24 @@ class Trainer:
 
     # --- records and output -------------------------------------------------------------
 
+    def _write_bytes(self, path: Path, payload: bytes) -> None:
+        try:
+            atomic_write_bytes(path, payload)
+        except OSError as error:
+            raise NexusError(
+                f"could not write {path} ({error.strerror or error}); the previous version is "
+                "intact. Free disk space or fix permissions, then resume"
+            ) from None
+
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        with (self.out_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with (self.out_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise NexusError(
+                f"could not append to {self.out_dir / METRICS_FILE} ({error.strerror or error}); "
+                "free disk space, then `nexus train --resume`"
+            ) from None
 
     def _write_report(self) -> None:
         # The report is a by-product: a failure there must not end an hour of training.
