@@ -128,7 +128,42 @@ def section_denormal(repeats: int) -> None:
         )
 
 
-SECTIONS: list[Callable[[int], None]] = [section_compile, section_scan, section_denormal]
+def section_model(repeats: int) -> None:
+    """The whole nexus-6m forward+backward on a 4×128 micro-batch, and the scan's share of it."""
+    from torch.profiler import profile
+
+    from nexus.config import preset
+    from nexus.model import NexusLM
+
+    torch.manual_seed(0)
+    model = NexusLM(preset("nexus-6m"))
+    ids = torch.randint(0, 256, (BATCH, STEPS + 1))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    total_ms = median_ms(step, repeats)
+    with profile() as prof:
+        for _ in range(3):
+            step()
+    events = prof.key_averages()
+    scan_us = sum(e.self_cpu_time_total for e in events if "SelectiveScan" in e.key)
+    all_us = sum(e.self_cpu_time_total for e in events)
+    print(
+        f"model  nexus-6m fwd+bwd 4x128: {total_ms:.1f} ms median "
+        f"({BATCH * STEPS / total_ms * 1000:.0f} tokens/s); "
+        f"selective scan share {100 * scan_us / max(all_us, 1):.1f}% (profiler, 3 steps)"
+    )
+
+
+SECTIONS: list[Callable[[int], None]] = [
+    section_compile,
+    section_scan,
+    section_denormal,
+    section_model,
+]
 
 
 def main() -> None:

@@ -1,0 +1,324 @@
+"""Nexus against the machine's limit and its peers, measured in one process and one run.
+
+Run: python benchmarks/run.py [--quick] [--json] [--no-write]
+
+- the fp32 matrix-product rate of this machine (GFLOP/s): the limit;
+- nexus-6m training throughput (real AdamW steps, micro-batch 4 × 128) and its MFU;
+- a plain pre-norm GPT of equal parameter count (SDPA attention) under the same loop;
+- Hugging Face's JambaForCausalLM at the same config, on its fastest CPU path, when
+  `transformers` is installed: training tokens/s and cached greedy generation bytes/s;
+- the peak resident memory of a `nexus train` run of nexus-6m (a subprocess).
+
+The figures are ratios taken on the same machine state; `docs/performance.md` gets them with
+the date and machine (between its generated-results markers) unless --no-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nexus.config import TrainConfig, preset
+from nexus.generation import generate
+from nexus.info import flops_per_token
+from nexus.model import NexusLM
+from nexus.training import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- benchmark results: begin -->", "<!-- benchmark results: end -->"
+MICRO_BATCH, SEQ_LEN = 4, 128
+PROMPT = b"ROMEO:"
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(repeats: int, size: int = 2048) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = statistics.median(timed(lambda: a @ b, repeats))
+    return 2 * size**3 / seconds / 1e9
+
+
+def train_tokens_per_s(
+    model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, logits_of: Callable
+) -> float:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = logits_of(model, batch[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    seconds = statistics.median(timed(step, steps))
+    return MICRO_BATCH * SEQ_LEN / seconds
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_hidden, bias=False),
+            nn.GELU(),
+            nn.Linear(mlp_hidden, d_model, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, hd)
+        x = x + self.proj(attended.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """The baseline: a plain pre-norm transformer with learned positions."""
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, d_model)
+        self.positions = nn.Parameter(torch.zeros(SEQ_LEN, d_model))
+        self.blocks = nn.ModuleList(GPTBlock(d_model, n_heads, mlp_hidden) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 256, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids) + self.positions[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def equal_size_gpt(target_parameters: int) -> GPT:
+    """8 layers of d_model 256; the MLP width that brings the count closest to the target."""
+    d_model, n_layers = 256, 8
+    fixed = GPT(d_model, n_layers, 8, 0)
+    per_unit = 2 * d_model * n_layers  # each MLP hidden unit adds an input and an output weight
+    hidden = round((target_parameters - sum(p.numel() for p in fixed.parameters())) / per_unit)
+    return GPT(d_model, n_layers, 8, hidden)
+
+
+def hf_jamba(config_name: str = "nexus-6m") -> nn.Module | None:
+    try:
+        from transformers import JambaConfig, JambaForCausalLM
+    except ImportError:
+        return None
+    config = preset(config_name)
+    hf_config = JambaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        attn_layer_period=config.n_layers,
+        attn_layer_offset=config.attention_layers[0],
+        num_experts=1,
+        expert_layer_period=1,
+        expert_layer_offset=0,
+        mamba_d_state=config.d_state,
+        mamba_d_conv=config.d_conv,
+        mamba_expand=config.expand,
+        mamba_dt_rank=config.dt_rank,
+        intermediate_size=config.mlp_hidden,
+        tie_word_embeddings=config.tie_embeddings,
+        use_mamba_kernels=False,
+        use_mambapy=True,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return JambaForCausalLM(hf_config)
+
+
+def nexus_generate_bytes_per_s(model: NexusLM, new_bytes: int) -> float:
+    seconds = min(timed(lambda: generate(model, PROMPT, new_bytes, temperature=0), 2, warmup=1))
+    return new_bytes / seconds
+
+
+def hf_generate_bytes_per_s(model: nn.Module, new_bytes: int) -> float:
+    ids = torch.tensor([list(PROMPT)])
+
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(
+                ids,
+                max_new_tokens=new_bytes,
+                min_new_tokens=new_bytes,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    return new_bytes / min(timed(run, 2, warmup=1))
+
+
+def peak_rss_mb_of_training(steps: int) -> float:
+    """Peak RSS of a real `nexus train` of nexus-6m, measured on the child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.bin"
+        data.write_bytes(os.urandom(200_000))
+        command = [
+            sys.executable, "-m", "nexus", "train", "--data", str(data),
+            "--out_dir", str(Path(tmp) / "run"), "--max_steps", str(steps),
+            "--eval_interval", str(steps), "--warmup_steps", "1", "--eval_batches", "2",
+            "--sample_bytes", "16", "--device", "cpu",
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_benchmarks(quick: bool) -> dict[str, float | str | None]:
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    repeats = 5 if quick else 20
+    config = preset("nexus-6m")
+    result: dict[str, float | str | None] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mode": "quick" if quick else "full",
+    }
+    result["matmul_gflops"] = matmul_gflops(repeats)
+
+    nexus = NexusLM(config)
+    optimizer = build_optimizer(nexus, TrainConfig())
+    result["train_tokens_per_s"] = train_tokens_per_s(
+        nexus, optimizer, repeats, lambda m, ids: m(ids)
+    )
+    flops = flops_per_token(config)["train"]
+    result["flops_per_token_train"] = flops
+    result["mfu"] = flops * result["train_tokens_per_s"] / (result["matmul_gflops"] * 1e9)
+
+    gpt = equal_size_gpt(nexus.num_parameters())
+    result["transformer_parameters"] = sum(p.numel() for p in gpt.parameters())
+    gpt_optimizer = torch.optim.AdamW(gpt.parameters(), lr=3e-4, weight_decay=0.1)
+    result["transformer_tokens_per_s"] = train_tokens_per_s(
+        gpt, gpt_optimizer, repeats, lambda m, ids: m(ids)
+    )
+    result["vs_transformer"] = result["train_tokens_per_s"] / result["transformer_tokens_per_s"]
+
+    new_bytes = 64 if quick else 256
+    result["generate_bytes_per_s"] = nexus_generate_bytes_per_s(nexus.eval(), new_bytes)
+    hf = hf_jamba()
+    result["hf_train_tokens_per_s"] = result["hf_generate_bytes_per_s"] = None
+    result["vs_hf_train"] = result["vs_hf_generate"] = None
+    if hf is not None:
+        hf_optimizer = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.1)
+        result["hf_train_tokens_per_s"] = train_tokens_per_s(
+            hf.train(), hf_optimizer, max(3, repeats // 2), lambda m, ids: m(ids).logits
+        )
+        result["hf_generate_bytes_per_s"] = hf_generate_bytes_per_s(hf.eval(), new_bytes)
+        result["vs_hf_train"] = result["train_tokens_per_s"] / result["hf_train_tokens_per_s"]
+        result["vs_hf_generate"] = (
+            result["generate_bytes_per_s"] / result["hf_generate_bytes_per_s"]
+        )
+    result["hf_mambapy"] = _mambapy_available()
+    result["peak_rss_mb"] = peak_rss_mb_of_training(steps=3 if quick else 10)
+    return result
+
+
+def _mambapy_available() -> bool:
+    try:
+        import mambapy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def format_results(result: dict) -> str:
+    def ratio(value: float | None) -> str:
+        return "n/a (transformers not installed)" if value is None else f"{value:.2f}×"
+
+    hf_note = "mamba.py scan" if result["hf_mambapy"] else "its default torch loop (no mambapy)"
+    return "\n".join(
+        [
+            f"Measured {result['date']} on {result['machine']}, torch {result['torch']}, "
+            f"{result['threads']} threads, {result['mode']} run.",
+            "",
+            "| measure | value | goal |",
+            "|---|---|---|",
+            f"| fp32 matmul rate (2048², the limit) | {result['matmul_gflops']:.1f} GFLOP/s | |",
+            f"| nexus-6m training tokens/s (4×128, AdamW) | {result['train_tokens_per_s']:.0f} | |",
+            f"| MFU ({result['flops_per_token_train'] / 1e6:.1f} MFLOP/token) | "
+            f"{100 * result['mfu']:.1f} % | ≥ 50 % |",
+            f"| same-size GPT ({result['transformer_parameters']:,} params) tokens/s | "
+            f"{result['transformer_tokens_per_s']:.0f} | |",
+            f"| Nexus / transformer tokens/s | {ratio(result['vs_transformer'])} | ≥ 0.8× |",
+            f"| Nexus / HF Jamba training tokens/s ({hf_note}) | "
+            f"{ratio(result['vs_hf_train'])} | ≥ 3× |",
+            f"| Nexus cached generation bytes/s | {result['generate_bytes_per_s']:.0f} | |",
+            f"| Nexus / HF Jamba generation (greedy, cache) | "
+            f"{ratio(result['vs_hf_generate'])} | ≥ 10× |",
+            f"| peak RSS of `nexus train` (nexus-6m) | {result['peak_rss_mb']:.0f} MB "
+            "| < 2048 MB |",
+        ]
+    )
+
+
+def write_performance_doc(text: str) -> None:
+    block = f"{BEGIN}\n{text}\n{END}"
+    if PERFORMANCE_DOC.exists():
+        current = PERFORMANCE_DOC.read_text()
+        if BEGIN in current and END in current:
+            head, rest = current.split(BEGIN, 1)
+            new = head + block + rest.split(END, 1)[1]
+        else:
+            new = current.rstrip() + "\n\n" + block + "\n"
+    else:
+        new = f"# Performance\n\n## Latest benchmark\n\n{block}\n"
+    PERFORMANCE_DOC.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: under 5 minutes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-write", action="store_true", help="leave docs/performance.md")
+    args = parser.parse_args()
+    result = run_benchmarks(args.quick)
+    text = format_results(result)
+    if not args.no_write:
+        write_performance_doc(text)
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
+    }
+    print(json.dumps(clean) if args.json else text)
+
+
+if __name__ == "__main__":
+    main()
