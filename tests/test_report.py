@@ -134,6 +134,9 @@ def test_the_full_report_has_every_section(tmp_path):
     assert "tinyshakespeare (1,115,394 bytes" in text
     assert "| Step | Predicted Val Loss | Interval | Predicted Val PPL |" in text
     assert "Expected final improvement" in text
+    # the wording says what the forecast and its band now are
+    assert "Model: the mean of two readings" in text and "train/val gap" in text
+    assert "rolling-origin backtest" in text and "not a calibrated 90 % probability" in text
     assert text.rstrip().endswith("*Last updated: Step 800*")
 
 

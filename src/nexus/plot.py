@@ -73,7 +73,7 @@ def _draw_forecast(axis, run: Run, forecast: Forecast) -> None:
     last = run.finite_evals[-1]
     steps = [last.step, *forecast.steps]
     axis.fill_between(steps, [last.val_loss, *forecast.lower], [last.val_loss, *forecast.upper],
-                      color="tab:orange", alpha=0.18, label="forecast, 90 % interval")  # fmt: skip
+                      color="tab:orange", alpha=0.18, label="forecast interval")  # fmt: skip
     axis.plot(steps, [last.val_loss, *forecast.predicted], "--", color="tab:orange")
     axis.plot(forecast.steps, forecast.predicted, "o", color="tab:orange", mfc="white", ms=4,
               label="val forecast")  # fmt: skip

@@ -272,7 +272,8 @@ def run_forecast(run: Run, areas: ScheduleAreas | None = None) -> Forecast:
     last_eval = evals[-1].step if evals else 0
     future = [s for s in run.eval_steps() if s > last_eval and s <= run.train.max_steps]
     steps, losses = [r.step for r in evals], [r.val_loss for r in evals]
-    return forecast_val_loss(steps, losses, run.train, future, areas)
+    train_losses = [r.train_loss for r in evals]
+    return forecast_val_loss(steps, losses, run.train, future, areas, train_losses=train_losses)
 
 
 def backtest(run_dir: Path, cutoff_step: int | None = None) -> dict:
@@ -280,7 +281,8 @@ def backtest(run_dir: Path, cutoff_step: int | None = None) -> dict:
     half of max_steps) and compare with what it reached, beside the naive forecasts."""
     run = load_run(Path(run_dir))
     steps, losses = [r.step for r in run.evals], [r.val_loss for r in run.evals]
-    return backtest_curve(steps, losses, run.train, cutoff_step)
+    train_losses = [r.train_loss for r in run.evals]
+    return backtest_curve(steps, losses, run.train, cutoff_step, train_losses=train_losses)
 
 
 def render_report(run: Run, forecast: Forecast) -> str:
@@ -632,7 +634,7 @@ def _predictions(run: Run, forecast: Forecast) -> str:
         f"{math.exp(final):.2f} ({_percent(math.exp(last.val_loss), math.exp(final))}) "
         f"from step {last.step} to step {final_step}.",
         "",
-        f"Model: the median prediction of four learning-curve shapes {forecast.message}. The "
+        f"Model: {forecast.model_note}, {forecast.message}. The val curve's "
         f"LR-annealing fit (Tissue et al. 2024) is `{forecast.fit.formula()}` (RMSE "
         f"{forecast.fit.rmse:.4f}), where S1 is the area under the LR schedule in steps at the "
         "peak LR and S2 the annealing area, the LR drops summed with momentum.",
