@@ -14,6 +14,8 @@ import yaml
 
 from nexus.errors import NexusError
 
+SSM_CHOICES = ("mamba1", "mamba2")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -28,7 +30,10 @@ class ModelConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    dt_rank: int = 16
+    dt_rank: int = 16  # Mamba-1 only
+    ssm: str = "mamba1"  # the SSM mixer: "mamba1" (Jamba's) or "mamba2" (SSD, as in Bamba)
+    ssm_head_dim: int = 64  # Mamba-2 only: channels per SSM head (P)
+    n_groups: int = 1  # Mamba-2 only: groups of heads sharing B and C (G)
     mlp_hidden: int = 928
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -46,6 +51,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def ssm_heads(self) -> int:
+        """Mamba-2's number of SSM heads (H), each with its own scalar decay."""
+        return self.d_inner // self.ssm_head_dim
+
     def is_attention(self, layer: int) -> bool:
         return layer in self.attention_layers
 
@@ -60,6 +70,8 @@ class ModelConfig:
             "d_conv",
             "expand",
             "dt_rank",
+            "ssm_head_dim",
+            "n_groups",
             "mlp_hidden",
             "seq_len",
         )
@@ -92,6 +104,21 @@ class ModelConfig:
                 )
         if len(set(self.attention_layers)) != len(self.attention_layers):
             raise NexusError("model config: attention_layers lists a layer twice")
+        if self.ssm not in SSM_CHOICES:
+            raise NexusError(
+                f"model config: ssm must be one of {', '.join(SSM_CHOICES)}, got {self.ssm!r}"
+            )
+        if self.ssm == "mamba2":
+            if self.d_inner % self.ssm_head_dim:
+                raise NexusError(
+                    f"model config: d_inner {self.d_inner} (expand · d_model) is not divisible "
+                    f"by ssm_head_dim {self.ssm_head_dim}; pick a head dim that divides it"
+                )
+            if self.ssm_heads % self.n_groups:
+                raise NexusError(
+                    f"model config: the {self.ssm_heads} SSM heads are not divisible by "
+                    f"n_groups {self.n_groups}; pick n_groups that divides them (e.g. 1)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -106,6 +133,10 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # The reference: Jamba's layout at 6.74M parameters (2,421,744 + 4,608·mlp_hidden, untied).
     "nexus-6m": ModelConfig(),
+    # The same stack with Mamba-2 (SSD) mixers: 8 SSM heads of 64 channels, one B/C group,
+    # N = 64 (Mamba-2's usual state size: 4x Mamba-1's state per layer for ~15 % more mixer
+    # FLOPs). 6,733,304 parameters at the reference's mlp_hidden.
+    "nexus-6m-ssd": ModelConfig(ssm="mamba2", d_state=64, ssm_head_dim=64, n_groups=1),
     # Seconds to train: for tests and quick experiments.
     "nexus-tiny": ModelConfig(
         d_model=64,

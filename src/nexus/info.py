@@ -6,6 +6,7 @@ from typing import Any
 
 from nexus.config import ModelConfig
 from nexus.model import NexusLM
+from nexus.ssd import CHUNK_SIZE
 
 # Per state element per position: exp(Δ·A), Δ·A, Δ·B·x (2), decay·h + input (2), C·h (2).
 SCAN_FLOPS_PER_STATE = 8
@@ -40,20 +41,45 @@ def parameter_breakdown(model: NexusLM) -> dict[str, int]:
     return counts
 
 
+def mamba2_flops_per_token(config: ModelConfig, chunk_size: int = CHUNK_SIZE) -> int:
+    """Forward FLOPs per token of one Mamba-2 layer: 2 per multiply-accumulate of in_proj and
+    out_proj, the depthwise conv over the x, B and C channels, and the chunked SSD's matrix
+    products as nexus.ssd computes them: per chunk of L steps C·Bᵀ (L·L·N per group) and the
+    masked mixing (L·L·P per head) counted in full, masked upper triangles included (as
+    attention's scores are over the full context), plus the chunk-end states (N·P per head
+    and step) and their read-out by C (the same). Elementwise work (decays, gates, norm) is
+    not counted."""
+    d, E, N, G, H = (
+        config.d_model,
+        config.d_inner,
+        config.d_state,
+        config.n_groups,
+        config.ssm_heads,
+    )
+    conv_dim = E + 2 * G * N
+    projections = 2 * (d * (E + conv_dim + H) + E * d)
+    ssd = 2 * chunk_size * (G * N + E) + 2 * 2 * E * N
+    return projections + 2 * config.d_conv * conv_dim + ssd
+
+
 def flops_per_token(config: ModelConfig) -> dict[str, int]:
     """Model FLOPs per token at context seq_len: 2 per multiply-accumulate of every weight
     matrix (embedding lookup excluded), attention scores and values over the full context
-    (the PaLM convention), the depthwise conv and the selective scan. Training = 3 × forward
+    (the PaLM convention), the depthwise conv and the selective scan (Mamba-1: 8 FLOPs per
+    state element and step; Mamba-2: see mamba2_flops_per_token). Training = 3 × forward
     (the backward costs twice the forward)."""
     d, E, N, R = config.d_model, config.d_inner, config.d_state, config.dt_rank
     kv_dim = config.n_kv_heads * config.head_dim
     mlp = 2 * 3 * d * config.mlp_hidden
     attention = 2 * (2 * d * d + 2 * d * kv_dim) + 2 * 2 * config.seq_len * d
-    mamba = (
-        2 * (d * 2 * E + E * (R + 2 * N) + R * E + E * d)  # in, x, dt and out projections
-        + 2 * config.d_conv * E
-        + SCAN_FLOPS_PER_STATE * E * N
-    )
+    if config.ssm == "mamba2":
+        mamba = mamba2_flops_per_token(config)
+    else:
+        mamba = (
+            2 * (d * 2 * E + E * (R + 2 * N) + R * E + E * d)  # in, x, dt and out projections
+            + 2 * config.d_conv * E
+            + SCAN_FLOPS_PER_STATE * E * N
+        )
     n_attention = len(config.attention_layers)
     forward = (
         n_attention * attention
@@ -79,6 +105,17 @@ def model_info(config: ModelConfig, preset_name: str | None = None) -> dict[str,
     }
 
 
+def _mamba_line(config: dict[str, Any]) -> str:
+    sizes = f"d_state {config['d_state']}, d_conv {config['d_conv']}, expand {config['expand']}"
+    if config.get("ssm") == "mamba2":
+        heads = config["expand"] * config["d_model"] // config["ssm_head_dim"]
+        return (
+            f"  mamba           Mamba-2 (SSD), {sizes}, {heads} heads of "
+            f"{config['ssm_head_dim']}, {config['n_groups']} B/C group(s)"
+        )
+    return f"  mamba           {sizes}, dt_rank {config['dt_rank']}"
+
+
 def format_info(info: dict[str, Any]) -> str:
     config = info["config"]
     schedule = info["layer_schedule"]
@@ -91,8 +128,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"{len(schedule) - n_attention} Mamba): {' '.join(schedule)}",
         f"  attention       {config['n_heads']} heads, {config['n_kv_heads']} KV heads "
         f"(GQA), head_dim {config['d_model'] // config['n_heads']}, no positional encoding",
-        f"  mamba           d_state {config['d_state']}, d_conv {config['d_conv']}, "
-        f"expand {config['expand']}, dt_rank {config['dt_rank']}",
+        _mamba_line(config),
         f"  mlp             SwiGLU, hidden {config['mlp_hidden']}",
         f"  vocab           {config['vocab_size']} (byte-level), seq_len {config['seq_len']}, "
         f"{'tied' if config['tie_embeddings'] else 'untied'} embeddings",

@@ -1,9 +1,11 @@
-"""The Jamba-style hybrid: RMSNorm, Mamba mixer, grouped-query attention, SwiGLU MLP, the
-decoder layers and the stack, with a recurrent cache for generation.
+"""The Jamba-style hybrid: RMSNorm, Mamba mixers (Mamba-1, or Mamba-2 with `ssm="mamba2"`),
+grouped-query attention, SwiGLU MLP, the decoder layers and the stack, with a recurrent cache
+for generation.
 
 Module and parameter names match Hugging Face's `JambaForCausalLM` exactly
 (`model.layers.3.self_attn.q_proj.weight`, `model.layers.0.mamba.A_log`, ...): they are the
-export contract, so do not rename them.
+export contract, so do not rename them. The Mamba-2 mixer's names follow Hugging Face's
+`BambaForCausalLM` mixer (`mamba.in_proj`, `mamba.dt_bias`, `mamba.norm.weight`, ...).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from torch import Tensor, nn
 
 from nexus.config import ModelConfig
 from nexus.scan import selective_scan, selective_scan_step
+from nexus.ssd import ssd_scan, ssd_step
 
 # Mamba's Δ initialisation: softplus(dt_proj.bias) log-uniform in [DT_MIN, DT_MAX], so each
 # channel starts with a memory between ~10 and ~1000 steps. Hugging Face's Jamba leaves the bias
 # at 0 (Δ ≈ 0.69, a memory of a few bytes), which makes small models learn slowly.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 INIT_STD = 0.02
+# Mamba-2's A initialisation: A = -uniform(A_MIN, A_MAX) per head.
+A_MIN, A_MAX = 1.0, 16.0
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +44,22 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: rms-normalise y · silu(z) over groups of `group_size` channels
+    (one group per B/C group, as in Mamba-2), then scale by weight; in fp32."""
+
+    def __init__(self, dim: int, eps: float, group_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.group_size = group_size
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        gated = (y * F.silu(z)).float().unflatten(-1, (-1, self.group_size))  # (..., G, E/G)
+        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.flatten(-2).to(y.dtype)
+
+
 @dataclass
 class MambaState:
     """Cache of one Mamba layer: the last d_conv inputs of the conv and the SSM state."""
@@ -48,11 +69,34 @@ class MambaState:
 
 
 @dataclass
+class Mamba2State:
+    """Cache of one Mamba-2 layer: the last d_conv conv inputs (x, B and C channels) and the
+    SSM state of every head."""
+
+    conv: Tensor  # (B, E + 2·G·N, K)
+    ssm: Tensor  # (B, H, P, N)
+
+
+@dataclass
 class AttentionState:
     """Cache of one attention layer: keys and values of every position so far."""
 
     keys: Tensor  # (B, kv_heads, T, head_dim)
     values: Tensor  # (B, kv_heads, T, head_dim)
+
+
+LayerState = MambaState | Mamba2State | AttentionState
+
+
+def causal_conv(conv1d: nn.Conv1d, padded: Tensor, T: int) -> Tensor:
+    """Depthwise causal conv of padded (B, K-1+T, C) -> (B, T, C) with conv1d's weight/bias."""
+    # K shifted multiply-adds in (B, T, C) layout: no transposes, and on CPU several times
+    # faster than Conv1d(groups=C), forward and backward.
+    weight = conv1d.weight[:, 0, :]  # (C, K)
+    out = conv1d.bias + padded[:, :T] * weight[:, 0]
+    for k in range(1, weight.shape[1]):
+        out = out + padded[:, k : k + T] * weight[:, k]
+    return out
 
 
 class MambaMixer(nn.Module):
@@ -92,13 +136,7 @@ class MambaMixer(nn.Module):
         return dt, A, self.b_layernorm(B), self.c_layernorm(C)
 
     def _causal_conv(self, padded: Tensor, T: int) -> Tensor:
-        # Depthwise conv as K shifted multiply-adds in (B, T, E) layout: no transposes, and on
-        # CPU several times faster than Conv1d(groups=E), forward and backward.
-        weight = self.conv1d.weight[:, 0, :]  # (E, K)
-        out = self.conv1d.bias + padded[:, :T] * weight[:, 0]
-        for k in range(1, self.d_conv):
-            out = out + padded[:, k : k + T] * weight[:, k]
-        return out
+        return causal_conv(self.conv1d, padded, T)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.prefill(hidden)[0]
@@ -125,6 +163,78 @@ class MambaMixer(nn.Module):
         y, ssm = selective_scan_step(state.ssm, x, dt, A, B, C, self.D)
         y = y * F.silu(z)
         return self.out_proj(y).unsqueeze(1), MambaState(conv=conv, ssm=ssm)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (SSD): one scalar decay per head, B and C shared by groups of heads, computed
+    by the chunked SSD scan. Layout of Hugging Face Bamba's mixer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, N, G, K = config.d_inner, config.d_state, config.n_groups, config.d_conv
+        H, P = config.ssm_heads, config.ssm_head_dim
+        self.d_inner, self.d_state, self.n_groups, self.d_conv = E, N, G, K
+        self.n_heads, self.head_dim = H, P
+        self.conv_dim = E + 2 * G * N  # the conv runs over x, B and C together
+        # One projection for everything, rows: [gate z (E); x (E); B (G·N); C (G·N); Δ (H)].
+        self.in_proj = nn.Linear(config.d_model, E + self.conv_dim + H, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, K, groups=self.conv_dim, padding=K - 1, bias=True
+        )
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.norm = GatedRMSNorm(E, config.norm_eps, group_size=E // G)
+        self.out_proj = nn.Linear(E, config.d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        # Mamba-2's init: decay rates A spread over [1, 16] across heads; Δ as in Mamba-1.
+        self.A_log.copy_(torch.empty(self.n_heads).uniform_(A_MIN, A_MAX).log())
+        self.D.fill_(1.0)
+        log_dt = torch.rand(self.n_heads) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        dt = log_dt.exp().clamp(min=DT_FLOOR)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def _split(self, projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj output (..., ·) -> z (..., E), conv input xBC (..., E+2GN), Δ (..., H)."""
+        return projected.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _ssm_inputs(self, xbc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Conv output (..., E+2GN) and raw Δ (..., H) -> x (..., H, P), Δ, A, B, C (..., G, N)."""
+        x, B, C = xbc.split(
+            [self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1
+        )
+        x = x.unflatten(-1, (self.n_heads, self.head_dim))
+        B = B.unflatten(-1, (self.n_groups, self.d_state))
+        C = C.unflatten(-1, (self.n_groups, self.d_state))
+        dt = F.softplus(dt + self.dt_bias)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        return x, dt, A, B, C
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.prefill(hidden)[0]
+
+    def prefill(self, hidden: Tensor) -> tuple[Tensor, Mamba2State]:
+        T = hidden.shape[1]
+        z, xbc, dt = self._split(self.in_proj(hidden))  # (B, T, E), (B, T, E+2GN), (B, T, H)
+        padded = F.pad(xbc, (0, 0, self.d_conv - 1, 0))  # (B, K-1+T, E+2GN): causal padding
+        xbc = F.silu(causal_conv(self.conv1d, padded, T))
+        conv_state = padded[:, -self.d_conv :].transpose(1, 2)  # (B, E+2GN, K)
+        x, dt, A, B, C = self._ssm_inputs(xbc, dt)
+        y, ssm_state = ssd_scan(x, dt, A, B, C, self.D, return_state=True)  # (B, T, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, T, E)
+        return self.out_proj(y), Mamba2State(conv=conv_state.contiguous(), ssm=ssm_state)
+
+    def step(self, hidden: Tensor, state: Mamba2State) -> tuple[Tensor, Mamba2State]:
+        """One new position: hidden (B, 1, d_model)."""
+        z, xbc, dt = self._split(self.in_proj(hidden[:, 0]))  # (B, E), (B, E+2GN), (B, H)
+        conv = torch.cat([state.conv[:, :, 1:], xbc.unsqueeze(-1)], dim=-1)  # (B, E+2GN, K)
+        xbc = F.silu((conv * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
+        x, dt, A, B, C = self._ssm_inputs(xbc, dt)
+        y, ssm = ssd_step(state.ssm, x, dt, A, B, C, self.D)  # (B, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, E)
+        return self.out_proj(y).unsqueeze(1), Mamba2State(conv=conv, ssm=ssm)
 
 
 class Attention(nn.Module):
@@ -193,27 +303,27 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         if self.is_attention:
             self.self_attn = Attention(config)
+        elif config.ssm == "mamba2":
+            self.mamba = Mamba2Mixer(config)
         else:
             self.mamba = MambaMixer(config)
         self.pre_ff_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.feed_forward = MLP(config)
 
     @property
-    def mixer(self) -> Attention | MambaMixer:
+    def mixer(self) -> Attention | MambaMixer | Mamba2Mixer:
         return self.self_attn if self.is_attention else self.mamba
 
     def forward(self, hidden: Tensor) -> Tensor:
         hidden = hidden + self.mixer(self.input_layernorm(hidden))
         return hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
 
-    def prefill(self, hidden: Tensor) -> tuple[Tensor, MambaState | AttentionState]:
+    def prefill(self, hidden: Tensor) -> tuple[Tensor, LayerState]:
         mixed, state = self.mixer.prefill(self.input_layernorm(hidden))
         hidden = hidden + mixed
         return hidden + self.feed_forward(self.pre_ff_layernorm(hidden)), state
 
-    def step(
-        self, hidden: Tensor, state: MambaState | AttentionState
-    ) -> tuple[Tensor, MambaState | AttentionState]:
+    def step(self, hidden: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         mixed, state = self.mixer.step(self.input_layernorm(hidden), state)
         hidden = hidden + mixed
         return hidden + self.feed_forward(self.pre_ff_layernorm(hidden)), state
@@ -229,7 +339,7 @@ class HybridStack(nn.Module):
         self.final_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
 
-Cache = list[MambaState | AttentionState]
+Cache = list[LayerState]
 
 
 class NexusLM(nn.Module):
@@ -255,7 +365,7 @@ class NexusLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual else INIT_STD)
             elif isinstance(module, nn.Conv1d):
                 module.reset_parameters()
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.weight.fill_(1.0)
         for layer in self.model.layers:
             if not layer.is_attention:
