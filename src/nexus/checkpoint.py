@@ -86,12 +86,16 @@ def encode_checkpoint(
     )
     if rng_state is not None:
         tensors[RNG_KEY] = rng_state.cpu()
+    meta_text = json.dumps(meta, allow_nan=True, sort_keys=True)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "step": str(int(meta["step"])),
         "checksum": tensors_checksum(tensors),
-        "nexus": json.dumps(meta, allow_nan=True, sort_keys=True),
+        "nexus": meta_text,
+        # The metadata (config, step, best loss) is checked too: a flipped bit there would
+        # otherwise change a resumed run silently. Older files lack it and are read as before.
+        "meta_checksum": hashlib.sha256(meta_text.encode()).hexdigest(),
     }
     return save_safetensors(tensors, metadata=header)
 
@@ -118,6 +122,8 @@ def read_header(path: str | Path) -> dict[str, str]:
             if length > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(handle.read(length))
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+            raise ValueError("the header is not a safetensors table")
         return dict(header.get("__metadata__") or {})
     except FileNotFoundError:
         raise NexusError(f"checkpoint {str(path)!r} does not exist; check the path") from None
@@ -128,17 +134,42 @@ def read_header(path: str | Path) -> dict[str, str]:
         ) from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint; a damaged or foreign file raises NexusError."""
+def read_meta(path: str | Path, header: dict[str, str] | None = None) -> dict[str, Any]:
+    """A checkpoint's run metadata (step, configs, metrics), verified against its checksum,
+    without reading the tensors. A foreign or damaged file raises NexusError."""
     path = Path(path)
     if path.is_dir():
         raise NexusError(f"checkpoint {str(path)!r} is a directory; pass a .bin checkpoint file")
-    header = read_header(path)
-    if header.get("format") != FORMAT:
+    header = read_header(path) if header is None else header
+    if header.get("format") != FORMAT or "nexus" not in header:
         raise NexusError(
             f"{str(path)!r} is not a Nexus checkpoint (no '{FORMAT}' format tag); "
             "pass a step_<N>.bin or best.bin written by `nexus train`"
         )
+    text = header["nexus"]
+    expected = header.get("meta_checksum")
+    damaged = expected is not None and hashlib.sha256(text.encode()).hexdigest() != expected
+    try:
+        meta = None if damaged else json.loads(text)
+    except ValueError:
+        meta = None
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("step"), int)
+        and isinstance(meta.get("model_config"), dict)
+    ):
+        raise NexusError(
+            f"checkpoint {str(path)!r} is corrupted: its metadata does not match the checksum "
+            "saved with it or is unreadable; use an earlier checkpoint"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint; a damaged or foreign file raises NexusError."""
+    path = Path(path)
+    header = read_header(path) if not path.is_dir() else {}
+    meta = read_meta(path, header)
     try:
         tensors = load_safetensors(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as error:
@@ -151,7 +182,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {str(path)!r} is corrupted: its tensors do not match the checksum "
             "saved with them; use an earlier checkpoint"
         )
-    meta = json.loads(header["nexus"])
     rng_state = tensors.pop(RNG_KEY, None)
     optimizer_tensors = {
         k[len(OPTIMIZER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)

@@ -12,8 +12,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
 from nexus.config import PRESETS, TrainConfig, preset, resolve_train_config
 from nexus.errors import NexusError, TrainingInterrupted
 
@@ -46,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("nexus: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "train":  # a second Ctrl-C abandons the step without saving it
+            where = f" --out_dir {args.out_dir}" if args.out_dir else ""
+            hint = (
+                "; the checkpoints already written are intact: continue with "
+                f"`nexus train --resume{where}`"
+            )
+        print(f"nexus: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -141,8 +146,6 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from nexus.training import Trainer
-
     overrides = {
         name: value
         for name, value in vars(args).items()
@@ -150,7 +153,19 @@ def run_train(args: argparse.Namespace) -> None:
     }
     base = resume_base_config(args) if args.resume else None
     config = resolve_train_config(args.config, overrides, base=base)
+    keep_caches_in_the_cache_dir()
+    from nexus.training import Trainer  # after the checks above: torch takes a while to import
+
     Trainer(config, resume=args.resume, force=args.force).run()
+
+
+def keep_caches_in_the_cache_dir() -> None:
+    """matplotlib (the report's plot) would create ~/.config/matplotlib, and torch's optimizers
+    $TMPDIR/torchinductor_<user>; nexus writes only to --out_dir and its cache directory."""
+    from nexus.data import cache_dir
+
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
 
 
 def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -195,7 +210,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from nexus.training import evaluate_loss, safe_exp
 
     model, checkpoint = load_model_for_use(args.checkpoint)
-    train_config = TrainConfig.from_dict(checkpoint.meta["train_config"])
+    train_config = TrainConfig.from_dict(checkpoint.meta.get("train_config") or {})
     data_path = resolve_dataset(args.data or train_config.data)
     corpus = ByteCorpus.from_file(data_path, model.config.seq_len)
     batches = eval_batches(
@@ -233,6 +248,8 @@ def run_sample(args: argparse.Namespace) -> None:
         raise NexusError("--top_p must be in (0, 1]")
     model, _ = load_model_for_use(args.checkpoint)
     prompt = os.fsencode(args.prompt)  # the bytes as given, even when not valid UTF-8
+    import torch
+
     torch.manual_seed(args.seed)
     continuation = generate(
         model,
@@ -248,6 +265,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
+    keep_caches_in_the_cache_dir()  # before matplotlib is imported
     from nexus.report import backtest, format_backtest, write_report
 
     if args.backtest:

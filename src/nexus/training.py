@@ -116,7 +116,14 @@ def model_from_checkpoint(
             + ". Use the matching --preset, or start a new run in another --out_dir"
         )
     model = NexusLM(config)
-    missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes than the config gives
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise NexusError(
+            f"the checkpoint's weights do not fit its config ({reason}); it was not "
+            "written by this version of Nexus"
+        ) from None
     allowed_missing = ["lm_head.weight"] if config.tie_embeddings else []
     if unexpected or sorted(missing) != allowed_missing:
         raise NexusError(
@@ -297,7 +304,7 @@ class Trainer:
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of writes that a kill -9 cut short; the files they were for are intact."""
-        owned = tuple(f".{name}." for name in RUN_FILES) + (".step_",)
+        owned = (*(f".{name}." for name in RUN_FILES), ".step_")
         for path in self.out_dir.glob(".*.tmp"):
             if path.name.startswith(owned) and path.is_file():
                 path.unlink(missing_ok=True)
