@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from nexus.cache import keep_tool_caches_in_cache_dir
 from nexus.config import PRESETS, TrainConfig, preset, resolve_train_config
 from nexus.errors import NexusError, TrainingInterrupted
 
@@ -21,6 +22,7 @@ TRAIN_FLAGS_SKIPPED = {"model", "preset", "data", "out_dir"}  # declared by hand
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_tool_caches_in_cache_dir()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -153,19 +155,9 @@ def run_train(args: argparse.Namespace) -> None:
     }
     base = resume_base_config(args) if args.resume else None
     config = resolve_train_config(args.config, overrides, base=base)
-    keep_caches_in_the_cache_dir()
     from nexus.training import Trainer  # after the checks above: torch takes a while to import
 
     Trainer(config, resume=args.resume, force=args.force).run()
-
-
-def keep_caches_in_the_cache_dir() -> None:
-    """matplotlib (the report's plot) would create ~/.config/matplotlib, and torch's optimizers
-    $TMPDIR/torchinductor_<user>; nexus writes only to --out_dir and its cache directory."""
-    from nexus.data import cache_dir
-
-    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
 
 
 def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -265,7 +257,6 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    keep_caches_in_the_cache_dir()  # before matplotlib is imported
     from nexus.report import backtest, format_backtest, write_report
 
     if args.backtest:

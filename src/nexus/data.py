@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import torch
 
+from nexus.cache import cache_dir
 from nexus.errors import NexusError
 
 TINY_SHAKESPEARE_URL = (
@@ -152,13 +153,6 @@ def _windows(
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise NexusError(f"data: {name} must be a positive integer, got {value!r}")
-
-
-def cache_dir() -> Path:
-    """Where downloaded datasets live: $XDG_CACHE_HOME/nexus, else ~/.cache/nexus."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "nexus"
 
 
 def dataset_name(path: str | Path) -> str:
