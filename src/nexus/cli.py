@@ -155,9 +155,12 @@ def run_train(args: argparse.Namespace) -> None:
     }
     base = resume_base_config(args) if args.resume else None
     config = resolve_train_config(args.config, overrides, base=base)
-    from nexus.training import Trainer  # after the checks above: torch takes a while to import
+    from nexus.distributed import process_group  # after the checks above: torch is slow to import
+    from nexus.training import Trainer
 
-    Trainer(config, resume=args.resume, force=args.force).run()
+    # Under torchrun (WORLD_SIZE > 1) every process joins the group and trains its share.
+    with process_group(config.device) as dist:
+        Trainer(config, resume=args.resume, force=args.force, dist=dist).run()
 
 
 def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:

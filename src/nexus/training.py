@@ -27,6 +27,7 @@ from nexus.checkpoint import (
 )
 from nexus.config import ModelConfig, TrainConfig
 from nexus.data import ByteCorpus, dataset_name, eval_batches, resolve_dataset, train_batch
+from nexus.distributed import SINGLE_PROCESS, DistContext
 from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
 from nexus.model import NexusLM
@@ -206,7 +207,11 @@ class RunState:
 
 
 class Trainer:
-    """One run in one out_dir. `run()` trains from the current step to max_steps."""
+    """One run in one out_dir. `run()` trains from the current step to max_steps.
+
+    With `dist` (a torchrun process group), each rank runs its share of the micro-batches of
+    every step and the gradients are summed across ranks; only rank 0 logs, evaluates, samples
+    and writes files, while the others wait for it at a barrier."""
 
     def __init__(
         self,
@@ -216,13 +221,20 @@ class Trainer:
         force: bool = False,
         log: TextIO | None = None,
         progress: bool | None = None,
+        dist: DistContext = SINGLE_PROCESS,
     ) -> None:
+        dist.check_grad_accum(config.grad_accum)
         self.config = config
+        self.dist = dist
         self.out_dir = Path(config.out_dir)
         self.log_stream = log or sys.stdout
-        self.show_progress = sys.stderr.isatty() if progress is None else progress
+        self.show_progress = dist.is_main and (
+            sys.stderr.isatty() if progress is None else progress
+        )
         self.bar: Any = None
         self.device = pick_device(config.device)
+        if dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
         self.model_config = config.model_config()
         # The data is checked first, so a mistake there never costs a run that --force clears.
         data_path = resolve_dataset(config.data)
@@ -230,6 +242,7 @@ class Trainer:
             data_path, self.model_config.seq_len, name=dataset_name(data_path)
         )
         resume_from = self._prepare_out_dir(resume, force)
+        # Built on the CPU from the seed, so every rank starts from the same weights.
         torch.manual_seed(config.seed)
         self.model = NexusLM(self.model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
@@ -251,7 +264,9 @@ class Trainer:
         )
         if resume_from is not None:
             self._restore(resume_from)
-        self._write_run_config()
+        if dist.is_main:
+            self._write_run_config()
+        dist.barrier()
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -283,6 +298,16 @@ class Trainer:
                 f"{str(out)!r} already holds a run; pass --resume to continue it, --force to "
                 "start over (its checkpoints are deleted), or choose another --out_dir"
             )
+        self.dist.barrier()  # every rank has looked at the directory before rank 0 changes it
+        if self.dist.is_main:
+            self._set_up_out_dir(resume, resume_from, has_run, force)
+        self.dist.barrier()
+        return resume_from
+
+    def _set_up_out_dir(
+        self, resume: str | Path | bool, resume_from: Path | None, has_run: bool, force: bool
+    ) -> None:
+        out = self.out_dir
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / ".nexus-write-test"
@@ -300,7 +325,6 @@ class Trainer:
         if resume is True and resume_from is None:
             self._truncate_metrics(after=0)
             self._log(f"no checkpoint in {out} yet: the run starts again from step 0")
-        return resume_from
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of writes that a kill -9 cut short; the files they were for are intact."""
@@ -326,8 +350,9 @@ class Trainer:
             best_step=meta.get("best_step"),
             elapsed_s=float(meta.get("elapsed_s", 0.0)),
         )
-        self._truncate_metrics(after=checkpoint.step)
-        self._repair_best(path, checkpoint)
+        if self.dist.is_main:
+            self._truncate_metrics(after=checkpoint.step)
+            self._repair_best(path, checkpoint)
         self._log(f"resumed from {path} at step {checkpoint.step}")
 
     def _repair_best(self, path: Path, checkpoint: Checkpoint) -> None:
@@ -405,13 +430,17 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "elapsed_s": self.state.elapsed_s,
                     }
-                    self._append_metrics(record)
-                    self._show_train(bar, record)
+                    if self.dist.is_main:
+                        self._append_metrics(record)
+                        self._show_train(bar, record)
                 if step % config.eval_interval == 0 or step == config.max_steps:
-                    last_eval = self._evaluate(step, lr)
-                    self._checkpoint(step, last_eval)
-                if stop.requested:
-                    self._stop_cleanly(step, stop.signal_name)
+                    if self.dist.is_main:
+                        last_eval = self._evaluate(step, lr)
+                        self._checkpoint(step, last_eval)
+                    self.dist.barrier()
+                # Every rank stops after the same step (torchrun signals them all, not at once).
+                if self.dist.any(stop.requested, self.device):
+                    self._stop_cleanly(step, stop.signal_name or "SIGTERM")
         if bar is not None:
             bar.close()
             self.bar = None
@@ -432,8 +461,9 @@ class Trainer:
             )
 
     def _stop_cleanly(self, step: int, signal_name: str) -> None:
-        if not checkpoint_path(self.out_dir, step).exists():
+        if self.dist.is_main and not checkpoint_path(self.out_dir, step).exists():
             self._save(checkpoint_path(self.out_dir, step), self._last_eval_record())
+        self.dist.barrier()  # no rank exits (and has torchrun end the others) before the save
         raise TrainingInterrupted(
             f"{signal_name} received: stopped after step {step} and saved "
             f"{checkpoint_path(self.out_dir, step)}; continue with "
@@ -452,7 +482,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        for micro_step in range(config.grad_accum):
+        for micro_step in self.dist.micro_steps(config.grad_accum):
             inputs, targets = train_batch(
                 self.corpus,
                 seed=config.seed,
@@ -467,6 +497,8 @@ class Trainer:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             (loss / config.grad_accum).backward()
             total_loss += loss.item()
+        total_loss = self.dist.sum(total_loss, self.device)
+        self.dist.sum_gradients(self.model)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
         if math.isfinite(total_loss) and math.isfinite(grad_norm):
             self.optimizer.step()  # a non-finite step would poison the weights: skip it
@@ -610,6 +642,8 @@ class Trainer:
         )
 
     def _log(self, message: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.bar is not None:
             self.bar.write(message, file=self.log_stream)
         else:
