@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from nexus.config import TrainConfig, preset
 from nexus.generation import generate
+from nexus.hf import jamba_config_dict
 from nexus.info import flops_per_token
 from nexus.model import NexusLM
 from nexus.training import build_optimizer
@@ -133,35 +134,14 @@ def equal_size_gpt(target_parameters: int) -> GPT:
 
 
 def hf_jamba(config_name: str = "nexus-6m") -> nn.Module | None:
+    """Hugging Face's Jamba at the preset's config (the one `nexus export` writes), on its
+    fastest CPU path: mamba.py's scan."""
     try:
         from transformers import JambaConfig, JambaForCausalLM
     except ImportError:
         return None
-    config = preset(config_name)
-    hf_config = JambaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        attn_layer_period=config.n_layers,
-        attn_layer_offset=config.attention_layers[0],
-        num_experts=1,
-        expert_layer_period=1,
-        expert_layer_offset=0,
-        mamba_d_state=config.d_state,
-        mamba_d_conv=config.d_conv,
-        mamba_expand=config.expand,
-        mamba_dt_rank=config.dt_rank,
-        intermediate_size=config.mlp_hidden,
-        tie_word_embeddings=config.tie_embeddings,
-        use_mamba_kernels=False,
-        use_mambapy=True,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return JambaForCausalLM(hf_config)
+    config_json = {**jamba_config_dict(preset(config_name)), "use_mambapy": True}
+    return JambaForCausalLM(JambaConfig.from_dict(config_json))
 
 
 def nexus_generate_bytes_per_s(model: NexusLM, new_bytes: int) -> float:
