@@ -43,6 +43,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
         ({"micro_batch": 0}, "micro_batch must be a positive integer"),
         ({"min_lr": 1.0}, "min_lr 1.0 is above the peak lr"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"tensorboard": "no"}, "tensorboard must be true or false"),
         ({"model": {"n_kv_heads": 3}}, "not divisible by n_kv_heads"),
     ],
 )
@@ -58,6 +59,9 @@ def test_from_dict_rejects_unknown_keys_and_wrong_types() -> None:
         TrainConfig.from_dict({"max_steps": "many"})
     with pytest.raises(NexusError, match="must be a number, not a boolean"):
         TrainConfig.from_dict({"max_steps": True})
+    with pytest.raises(NexusError, match="tensorboard has the wrong type"):
+        TrainConfig.from_dict({"tensorboard": 0})
+    assert TrainConfig.from_dict({"tensorboard": False}).tensorboard is False
 
 
 def test_layering_defaults_then_file_then_flags(tmp_path: Path) -> None:

@@ -78,8 +78,13 @@ def _arg(value: str | Path | bytes) -> str | bytes:
 
 
 def files_of(run_dir: Path) -> dict[str, bytes]:
-    """Every finished file of a run directory (temp files start with a dot)."""
-    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if not p.name.startswith(".")}
+    """Every finished file of a run directory (temp files start with a dot; the append-only
+    event files in its tensorboard directory are not among them)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(run_dir.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def temp_files(run_dir: Path) -> list[str]:
@@ -130,6 +135,10 @@ FORK_SERVER = r"""
 import json, os, sys, traceback
 import nexus.cli, nexus.plot, nexus.report, nexus.training  # imported once, then forked
 import matplotlib.font_manager  # finds the fonts once, not in every run
+try:
+    import torch.utils.tensorboard  # the trainer's event files, when tensorboard is installed
+except ImportError:
+    pass
 print("ready", flush=True)
 for line in sys.stdin:
     request = json.loads(line)

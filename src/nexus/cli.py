@@ -87,8 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     for field in fields(TrainConfig):
         if field.name in TRAIN_FLAGS_SKIPPED:
             continue
+        default = f"default: {field.default}"
+        if field.type == "bool":  # --name / --no-name; left out, the config decides
+            train.add_argument(
+                f"--{field.name}", action=argparse.BooleanOptionalAction, help=default
+            )
+            continue
         kind = {"int": int, "float": float}.get(str(field.type), str)
-        train.add_argument(f"--{field.name}", type=kind, help=f"default: {field.default}")
+        train.add_argument(f"--{field.name}", type=kind, help=default)
     train.add_argument(
         "--resume",
         nargs="?",

@@ -179,6 +179,7 @@ class TrainConfig:
     eval_batches: int = 32  # fixed batches of eval_batch_size windows: ±0.01 nats
     eval_batch_size: int = 16
     log_interval: int = 10
+    tensorboard: bool = True  # event files in out_dir/tensorboard, when tensorboard is installed
     max_bad_steps: int = 5  # non-finite steps in a row before training stops
     seed: int = 1337
     sample_prompt: str = "To be"
@@ -236,6 +237,10 @@ class TrainConfig:
             raise NexusError(
                 f"train config: warmup_steps {self.warmup_steps} exceeds max_steps "
                 f"{self.max_steps}; shorten the warmup or train longer"
+            )
+        if not isinstance(self.tensorboard, bool):
+            raise NexusError(
+                f"train config: tensorboard must be true or false, got {self.tensorboard!r}"
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise NexusError(f"train config: device must be auto, cpu or cuda, got {self.device!r}")

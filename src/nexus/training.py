@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +35,7 @@ from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
 from nexus.model import NexusLM
 from nexus.schedule import lr_at
+from nexus.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -232,6 +236,7 @@ class Trainer:
             sys.stderr.isatty() if progress is None else progress
         )
         self.bar: Any = None
+        self.tensorboard: TensorBoardLog | None = None
         self.device = pick_device(config.device)
         if dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
@@ -321,6 +326,8 @@ class Trainer:
         if has_run and force and not resume:
             for path in [out / name for name in RUN_FILES] + list(out.glob("step_*.bin")):
                 path.unlink(missing_ok=True)
+            if (out / TENSORBOARD_DIR).is_dir():
+                shutil.rmtree(out / TENSORBOARD_DIR)
         self._remove_stale_temp_files()
         if resume is True and resume_from is None:
             self._truncate_metrics(after=0)
@@ -408,7 +415,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         bad_steps_in_a_row = 0
         self.bar = bar = self._progress_bar()
-        with StopRequests() as stop:
+        with StopRequests() as stop, self._tensorboard_events():
             for step in range(self.state.step + 1, config.max_steps + 1):
                 loss, grad_norm, lr = self._train_step(step)
                 self.state.step = step
@@ -604,6 +611,38 @@ class Trainer:
                 f"could not append to {self.out_dir / METRICS_FILE} ({error.strerror or error}); "
                 "free disk space, then `nexus train --resume`"
             ) from None
+        self._to_tensorboard(lambda log: log.add(record))
+
+    @contextmanager
+    def _tensorboard_events(self) -> Iterator[None]:
+        """TensorBoard event files on rank 0 while the loop runs, closed (so flushed) however
+        it ends: at max_steps, on a stop signal or on an error."""
+        if self.dist.is_main and self.config.tensorboard:
+            try:
+                self.tensorboard = TensorBoardLog.open(self.out_dir, self.state.step + 1)
+                if self.tensorboard is None:
+                    self._log(
+                        "TensorBoard logging is off: the tensorboard package is not installed "
+                        "(`pip install tensorboard` turns it on)"
+                    )
+            except Exception as error:  # e.g. a tensorboard whose protobuf does not fit
+                self._log(f"warning: TensorBoard logging is off ({type(error).__name__}: {error})")
+        try:
+            yield
+        finally:
+            self._to_tensorboard(TensorBoardLog.close)
+            self.tensorboard = None
+
+    def _to_tensorboard(self, action: Callable[[TensorBoardLog], None]) -> None:
+        # The event files are a view of metrics.jsonl: a failure there stops them, not the run.
+        log = self.tensorboard
+        if log is None:
+            return
+        try:
+            action(log)
+        except Exception as error:
+            self.tensorboard = None
+            self._log(f"warning: TensorBoard logging stopped ({type(error).__name__}: {error})")
 
     def _write_report(self) -> None:
         # The report is a by-product: a failure there must not end an hour of training.
