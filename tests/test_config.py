@@ -21,11 +21,35 @@ from nexus.errors import NexusError
         ({"n_heads": 7}, "not divisible by n_heads"),
         ({"vocab_size": 300}, "more than the 256 byte values"),
         ({"norm_eps": 0.0}, "norm_eps"),
+        ({"num_experts": 0}, "num_experts must be a positive integer"),
+        ({"num_experts": 4, "experts_per_token": 5}, "experts_per_token 5 exceeds num_experts 4"),
+        ({"expert_layer_period": 1}, "expert_layer_offset 1 must be below expert_layer_period 1"),
+        ({"expert_layer_offset": -1}, "expert_layer_offset must be an integer >= 0"),
+        (
+            {"num_experts": 4, "n_layers": 3, "attention_layers": (1,), "expert_layer_period": 4,
+             "expert_layer_offset": 3},
+            "no layer of 3 has index % 4 == 3",
+        ),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef must be a number >= 0"),
+        ({"router_aux_loss_coef": float("nan")}, "router_aux_loss_coef must be a number >= 0"),
     ],
-)
+)  # fmt: skip
 def test_model_config_rejects_impossible_combinations(overrides: dict, message: str) -> None:
     with pytest.raises(NexusError, match=message):
         ModelConfig(**overrides)
+
+
+def test_moe_settings_default_to_dense_and_old_configs_still_load() -> None:
+    reference = ModelConfig()
+    assert reference.num_experts == 1 and reference.moe_layers == ()
+    # A config saved before the MoE fields existed loads with their (dense) defaults.
+    old = {k: v for k, v in reference.to_dict().items() if "expert" not in k and "router" not in k}
+    assert ModelConfig.from_dict(old) == reference == preset("nexus-6m")
+    moe = preset("nexus-tiny-moe")
+    assert moe.moe_layers == (1,) and moe.experts_per_token == 2
+    assert ModelConfig.from_dict(moe.to_dict()) == moe
+    with pytest.raises(NexusError, match="num_experts has the wrong type"):
+        ModelConfig.from_dict({"num_experts": 2.5})
 
 
 def test_unknown_preset_lists_the_known_ones() -> None:

@@ -8,6 +8,7 @@ on CPU, so sequences stay short.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -60,6 +61,22 @@ CONFIGS = {
         tie_embeddings=True,
         seq_len=32,
     ),
+    # Jamba's sparse MoE on every other layer (1: attention, 3: Mamba), 4 experts, top-2.
+    "moe": ModelConfig(
+        d_model=64,
+        n_layers=4,
+        attention_layers=(1,),
+        n_heads=4,
+        n_kv_heads=2,
+        d_state=8,
+        dt_rank=4,
+        mlp_hidden=48,
+        num_experts=4,
+        experts_per_token=2,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        seq_len=32,
+    ),
 }
 
 
@@ -69,9 +86,9 @@ def jamba() -> object:
 
 @torch.no_grad()
 def perturb(model: nn.Module, seed: int) -> None:
-    """Move the parameters an init leaves at 1 or 0 (norms, D, biases) and spread Δ from tiny
-    to large, so a misplaced tensor changes the logits. Works on Nexus and HF alike: the
-    parameter names are the same."""
+    """Move the parameters an init leaves at 1 or 0 (norms, D, biases), spread Δ from tiny
+    to large and make MoE routers decisive, so a misplaced tensor or a wrong routing changes
+    the logits. Works on Nexus and HF alike: the parameter names are the same."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(shape: torch.Size) -> torch.Tensor:
@@ -86,6 +103,8 @@ def perturb(model: nn.Module, seed: int) -> None:
             param.copy_(rand(param.shape) - 0.5)
         elif name.endswith("A_log"):
             param.add_(0.3 * (rand(param.shape) - 0.5))
+        elif name.endswith("router.weight"):  # logits of std ~1 for normalised inputs
+            param.copy_(6.0 * (rand(param.shape) - 0.5) / math.sqrt(param.shape[-1]))
 
 
 def nexus_checkpoint(config: ModelConfig, path: Path, seed: int = 0) -> NexusLM:
@@ -228,7 +247,7 @@ def imported_model(path: Path) -> NexusLM:
     return model_from_checkpoint(load_checkpoint(path)).eval()
 
 
-@pytest.mark.parametrize("name", ["nexus-tiny", "tied"])
+@pytest.mark.parametrize("name", ["nexus-tiny", "tied", "moe"])
 def test_export_then_import_gives_the_same_model(name: str, tmp_path: Path) -> None:
     config = CONFIGS[name]
     model = nexus_checkpoint(config, tmp_path / "model.bin")
@@ -237,6 +256,10 @@ def test_export_then_import_gives_the_same_model(name: str, tmp_path: Path) -> N
     checkpoint = load_checkpoint(path)
     back = model_from_checkpoint(checkpoint).eval()
     assert back.config == config  # seq_len travels in config.json's nexus_seq_len
+    for (name, tensor), (other_name, other) in zip(
+        model.state_dict().items(), back.state_dict().items(), strict=True
+    ):
+        assert name == other_name and torch.equal(tensor, other), name
     ids = random_bytes(config, 2, 40, seed=3)
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
@@ -332,7 +355,12 @@ def edit_export(tmp_path: Path, **changes: object) -> Path:
     [
         (
             {"num_experts": 16, "expert_layer_period": 2, "expert_layer_offset": 1},
-            "num_experts is 16",
+            "missing: model.layers.1.feed_forward.experts.0",
+        ),
+        (
+            {"num_experts": 4, "num_experts_per_tok": 5, "expert_layer_period": 2,
+             "expert_layer_offset": 1},
+            "experts_per_token 5 exceeds num_experts 4",
         ),
         ({"vocab_size": 65536}, "vocab_size 65536 is more than the 256 byte values"),
         ({"mamba_proj_bias": True}, "mamba_proj_bias"),
@@ -340,7 +368,7 @@ def edit_export(tmp_path: Path, **changes: object) -> Path:
         ({"intermediate_size": 100}, "wrong shape: model.layers.0.feed_forward"),
         ({"attn_layer_offset": 0}, "missing: model.layers.0.self_attn"),
     ],
-)
+)  # fmt: skip
 def test_import_refuses_what_nexus_cannot_hold(
     changes: dict[str, object], message: str, tmp_path: Path
 ) -> None:
@@ -350,18 +378,71 @@ def test_import_refuses_what_nexus_cannot_hold(
     assert not (tmp_path / "imported.bin").exists()
 
 
-def test_import_refuses_a_jamba_moe_model_built_by_transformers(tmp_path: Path) -> None:
+def test_import_of_a_transformers_jamba_moe_matches_its_logits(tmp_path: Path) -> None:
     transformers = jamba()
     hf_config = transformers.JambaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
-        num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
-        mamba_d_state=4, use_mamba_kernels=False,
+        vocab_size=256, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1,
+        num_experts=3, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+        router_aux_loss_coef=0.01, mamba_d_state=4, use_mamba_kernels=False,
         pad_token_id=None, bos_token_id=None, eos_token_id=None,
     )  # fmt: skip
-    transformers.JambaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
-    with pytest.raises(NexusError, match="sparse mixture-of-experts"):
-        import_from_hf(tmp_path / "hf", tmp_path / "imported.bin")
+    torch.manual_seed(10)
+    hf = transformers.JambaForCausalLM(hf_config).eval()
+    perturb(hf, seed=10)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imported.bin")]) == 0
+    model = imported_model(tmp_path / "imported.bin")
+    config = model.config
+    assert (config.num_experts, config.experts_per_token) == (3, 2)
+    assert config.moe_layers == (0, 1, 2) and config.router_aux_loss_coef == 0.01
+    diff = max_logit_diff(model, hf, random_bytes(config, 2, 40, seed=11))
+    print(f"HF-native MoE import: max |Δlogit| {diff:.2e}")
+    assert diff < TOLERANCE
+
+
+def test_moe_export_matches_save_pretrained_routing_and_aux_loss(tmp_path: Path) -> None:
+    jamba()
+    config = CONFIGS["moe"]
+    model = nexus_checkpoint(config, tmp_path / "model.bin", seed=12)
+    out = export_to_hf(tmp_path / "model.bin", tmp_path / "hf")
+    written = json.loads((out / "config.json").read_text())
+    assert (written["num_experts"], written["num_experts_per_tok"]) == (4, 2)
+    assert (written["expert_layer_period"], written["expert_layer_offset"]) == (2, 1)
+    assert written["router_aux_loss_coef"] == 0.001
+    hf = load_hf(out)
+    assert hf.config.layers_num_experts == [1, 4, 1, 4]
+    # The file holds what transformers' own save_pretrained writes for this model.
+    hf.save_pretrained(tmp_path / "resaved")
+    ours, theirs = (
+        load_file(out / "model.safetensors"),
+        load_file(tmp_path / "resaved" / "model.safetensors"),
+    )
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    ids = random_bytes(config, 2, 48, seed=13)
+    with torch.no_grad():
+        hf_out = hf(ids, use_cache=False, output_router_logits=True)
+        nexus_logits = model(ids)
+    # Routing is not degenerate: tokens differ in their first choice, and every expert serves.
+    for logits in hf_out.router_logits:
+        first_choices = set(logits.argmax(-1).tolist())
+        assert first_choices == {0, 1, 2, 3}, first_choices
+    assert (nexus_logits - hf_out.logits).abs().max() < TOLERANCE
+    torch.testing.assert_close(model.aux_loss(), hf_out.aux_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_moe_run_exports_with_equal_logits(text_corpus: Path, tmp_path: Path) -> None:
+    jamba()
+    run = tiny_config(text_corpus, tmp_path / "run", preset="nexus-tiny-moe", max_steps=4)
+    Trainer(run, progress=False).run()
+    assert main(["export", str(tmp_path / "run" / "step_4.bin"), str(tmp_path / "hf")]) == 0
+    model = imported_model(tmp_path / "run" / "step_4.bin")
+    hf = load_hf(tmp_path / "hf")
+    diff = max_logit_diff(model, hf, random_bytes(model.config, 2, 32, seed=14))
+    print(f"trained nexus-tiny-moe: max |Δlogit| {diff:.2e}")
+    assert diff < TOLERANCE
 
 
 # --- the command line and what can use an imported checkpoint ---------------------------------

@@ -1,5 +1,6 @@
 """The hybrid model: parameter layout and count, initialisation, causality, GQA attention
-against a hand-written reference, cached decoding, and a safetensors round trip."""
+against a hand-written reference, cached decoding, a safetensors round trip, and the sparse
+MoE MLP (routing, load-balancing loss, parameter and FLOP counts) against hand computations."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from nexus.config import ModelConfig, preset
 from nexus.generation import generate, sample_next
-from nexus.model import Attention, NexusLM, RMSNorm
+from nexus.info import flops_per_token, model_info
+from nexus.model import MLP, Attention, NexusLM, RMSNorm, SparseMoE
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,150 @@ def test_causal_conv_matches_torch_conv1d() -> None:
     padded = F.pad(x, (0, 0, mixer.d_conv - 1, 0))
     expected = mixer.conv1d(x.transpose(1, 2))[..., :9].transpose(1, 2)
     torch.testing.assert_close(mixer._causal_conv(padded, 9), expected, atol=1e-6, rtol=1e-5)
+
+
+# --- sparse mixture of experts ----------------------------------------------------------------
+
+# Four layers, MoE on layers 1 (attention) and 3 (Mamba): 4 experts, top-2.
+MOE = ModelConfig(
+    d_model=32, n_layers=4, attention_layers=(1,), n_heads=4, n_kv_heads=2, d_state=4,
+    dt_rank=2, mlp_hidden=24, num_experts=4, experts_per_token=2, seq_len=16,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def moe_model() -> NexusLM:
+    torch.manual_seed(5)
+    model = NexusLM(MOE).eval()
+    with torch.no_grad():
+        for layer in MOE.moe_layers:  # a decisive router, so that tokens disagree on experts
+            model.model.layers[layer].feed_forward.router.weight.normal_(0.0, 0.2)
+    return model
+
+
+def test_moe_layers_follow_the_period_and_offset(moe_model: NexusLM) -> None:
+    assert MOE.moe_layers == (1, 3)
+    kinds = [type(layer.feed_forward) for layer in moe_model.model.layers]
+    assert kinds == [MLP, SparseMoE, MLP, SparseMoE]
+    names = dict(moe_model.named_parameters())
+    assert names["model.layers.1.feed_forward.router.weight"].shape == (4, 32)
+    assert names["model.layers.3.feed_forward.experts.gate_up_proj"].shape == (4, 48, 32)
+    assert names["model.layers.3.feed_forward.experts.down_proj"].shape == (4, 32, 24)
+    assert "model.layers.2.feed_forward.gate_proj.weight" in names
+
+
+def test_one_expert_is_the_dense_mlp_everywhere() -> None:
+    # As in Hugging Face Jamba: num_experts 1 means no router, whatever the period and top-k.
+    config = ModelConfig(
+        num_experts=1, experts_per_token=2, expert_layer_period=1, expert_layer_offset=0
+    )
+    model = NexusLM(config)
+    assert config.moe_layers == () and not model.has_moe
+    assert all(isinstance(layer.feed_forward, MLP) for layer in model.model.layers)
+    assert model.num_parameters() == NexusLM(ModelConfig()).num_parameters()
+
+
+def hand_moe(moe: SparseMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token by token: softmax of the router logits, the k largest, and the weighted experts."""
+    probabilities = torch.exp(x @ moe.router.weight.T)
+    probabilities = probabilities / probabilities.sum(-1, keepdim=True)
+    chosen = torch.stack([p.argsort(descending=True)[: moe.top_k] for p in probabilities])
+    weights = probabilities.gather(-1, chosen)
+    out = torch.zeros_like(x)
+    hidden = moe.experts.down_proj.shape[-1]
+    for t in range(x.shape[0]):
+        for weight, e in zip(weights[t], chosen[t].tolist(), strict=True):
+            gate = moe.experts.gate_up_proj[e, :hidden] @ x[t]
+            up = moe.experts.gate_up_proj[e, hidden:] @ x[t]
+            out[t] += weight * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
+    return weights, chosen, out
+
+
+def test_router_picks_the_top_k_of_the_softmax_and_weights_them_unnormalised(
+    moe_model: NexusLM,
+) -> None:
+    moe = moe_model.model.layers[3].feed_forward
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        _, weights, chosen = moe.route(x.flatten(0, 1))
+        out = moe(x)
+        expected_weights, expected_chosen, expected_out = hand_moe(moe, x.flatten(0, 1))
+    assert torch.equal(chosen, expected_chosen)
+    torch.testing.assert_close(weights, expected_weights)
+    assert (weights.sum(-1) < 1 - 1e-3).all()  # the top-2 of 4 are not renormalised to 1
+    assert len(set(chosen[:, 0].tolist())) > 1  # the tokens really route differently
+    torch.testing.assert_close(out, expected_out.view(2, 10, 32), atol=1e-6, rtol=1e-5)
+
+
+def test_load_balancing_loss_matches_the_switch_transformer_formula(moe_model: NexusLM) -> None:
+    # Hugging Face Jamba's load_balancing_loss_func: the router logits of every MoE layer
+    # concatenated, f_e = top-k assignments to e / tokens, P_e = mean probability of e,
+    # loss = num_experts · Σ_e f_e · P_e.
+    inputs = []
+    hooks = [
+        moe_model.model.layers[i].feed_forward.register_forward_hook(
+            lambda module, args, output: inputs.append(args[0].flatten(0, 1))
+        )
+        for i in MOE.moe_layers
+    ]
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        moe_model(ids)
+    for hook in hooks:
+        hook.remove()
+    logits = torch.cat(
+        [
+            x @ moe_model.model.layers[i].feed_forward.router.weight.T
+            for i, x in zip(MOE.moe_layers, inputs, strict=True)
+        ]
+    )
+    probabilities = logits.softmax(-1)
+    chosen = probabilities.topk(2, dim=-1).indices
+    fraction = torch.stack([(chosen == e).sum() for e in range(4)]).float() / logits.shape[0]
+    expected = 4 * (fraction * probabilities.mean(0)).sum()
+    torch.testing.assert_close(moe_model.aux_loss(), expected)
+
+
+def test_load_balancing_loss_is_top_k_for_a_uniform_router_and_trains_the_router() -> None:
+    torch.manual_seed(8)
+    model = NexusLM(MOE)
+    with torch.no_grad():
+        for i in MOE.moe_layers:
+            model.model.layers[i].feed_forward.router.weight.zero_()
+    model(torch.randint(0, 256, (2, 8)))
+    aux = model.aux_loss()
+    torch.testing.assert_close(aux, torch.tensor(2.0))  # uniform P_e = 1/4, Σ f_e = k = 2
+    aux.backward()
+    assert model.model.layers[1].feed_forward.router.weight.grad is not None
+
+
+def test_moe_cached_steps_match_the_full_forward(moe_model: NexusLM) -> None:
+    ids = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = moe_model(ids)
+        logits, cache = moe_model.prefill(ids[:, :4])
+        stepped = [logits[:, -1]]
+        for position in range(4, 14):
+            step_logits, cache = moe_model.step(ids[:, position], cache)
+            stepped.append(step_logits)
+    torch.testing.assert_close(logits, full[:, :4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(stepped[:-1], 1), full[:, 3:13], atol=1e-4, rtol=1e-4)
+
+
+def test_info_counts_total_and_active_parameters_and_top_k_flops(moe_model: NexusLM) -> None:
+    info = model_info(MOE)
+    total = sum(p.numel() for p in moe_model.parameters())
+    assert info["parameters"] == total
+    assert sum(info["parameters_by_component"].values()) == total
+    assert info["parameters_by_component"]["router"] == 2 * 4 * 32
+    # Each token runs 2 of the 4 experts (3 matrices of 32 x 24 each) in 2 layers.
+    assert info["active_parameters"] == total - 2 * 2 * 3 * 32 * 24
+    assert info["moe_layers"] == [1, 3]
+    # Top-1 of 4 experts costs what the dense model costs, plus the routers.
+    top1 = ModelConfig(**{**MOE.to_dict(), "experts_per_token": 1})
+    dense = ModelConfig(**{**MOE.to_dict(), "num_experts": 1})
+    assert flops_per_token(top1)["forward"] == flops_per_token(dense)["forward"] + 2 * 2 * 32 * 4
+    assert (
+        "active_parameters" not in model_info(dense)
+        and "router" not in model_info(dense)["parameters_by_component"]
+    )

@@ -1,8 +1,10 @@
 """The training pipeline end to end on the tiny preset: learning, resume, best tracking,
-crash safety of checkpoint writes, and loading a checkpoint in a fresh process."""
+crash safety of checkpoint writes, loading a checkpoint in a fresh process, and a tiny MoE run
+that logs its load-balancing loss and exports."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -12,11 +14,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from nexus.checkpoint import load_checkpoint, read_header
+from nexus.config import TrainConfig
 from nexus.errors import NexusError
-from nexus.training import Trainer
+from nexus.hf import export_to_hf, import_from_hf
+from nexus.model import NexusLM
+from nexus.training import Trainer, build_optimizer, model_from_checkpoint
 
 
 def evals(run_dir: Path) -> dict[int, dict]:
@@ -185,3 +191,49 @@ def test_checkpoint_loads_in_a_fresh_process(finished_run: Path) -> None:
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith(b"To be") and len(sample.stdout) == len(b"To be") + 20 + 1
+
+
+def test_moe_run_learns_logs_its_aux_loss_and_exports(
+    finished_run: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    out, log = tmp_path / "moe", io.StringIO()
+    config = tiny_config(
+        text_corpus, out, preset="nexus-tiny-moe", max_steps=16, eval_interval=8, log_interval=4
+    )
+    last = Trainer(config, log=log, progress=False).run()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12, 16]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0  # the loss stays plain cross-entropy
+    assert last["val_loss"] < 0.7 * math.log(256), last
+    # Near top_k = 2 (balanced routing), and never in eval records or in a dense run's.
+    assert all(abs(r["aux_loss"] - 2.0) < 0.5 for r in train), train
+    assert all("aux_loss" not in r for r in records if r["kind"] == "eval")
+    dense = (finished_run / "metrics.jsonl").read_text()
+    assert "aux_loss" not in dense
+    assert "aux_loss 2." in log.getvalue()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    aux_events = {e.step: e.value for e in events.Scalars("train/aux_loss")}
+    assert aux_events == pytest.approx({r["step"]: r["aux_loss"] for r in train}, rel=1e-6)
+
+    # A tiny MoE run exports to Hugging Face Jamba and imports back unchanged.
+    hf_dir = export_to_hf(out / "step_16.bin", tmp_path / "hf")
+    trained = model_from_checkpoint(load_checkpoint(out / "step_16.bin")).eval()
+    back = model_from_checkpoint(load_checkpoint(import_from_hf(hf_dir, tmp_path / "back.bin")))
+    for (name, tensor), (other_name, other) in zip(
+        trained.state_dict().items(), back.state_dict().items(), strict=True
+    ):
+        assert name == other_name and torch.equal(tensor, other), name
+
+
+def test_expert_matrices_get_weight_decay() -> None:
+    model = NexusLM(TrainConfig(preset="nexus-tiny-moe").model_config())
+    decay, no_decay = build_optimizer(model, TrainConfig()).param_groups
+    decayed = {id(p) for p in decay["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert "model.layers.1.feed_forward.experts.gate_up_proj" in names
+    assert "model.layers.1.feed_forward.experts.down_proj" in names
+    assert "model.layers.1.feed_forward.router.weight" in names
+    assert "model.layers.0.mamba.conv1d.weight" not in names and no_decay["weight_decay"] == 0

@@ -17,6 +17,10 @@ from nexus.errors import NexusError
 SSM_CHOICES = ("mamba1", "mamba2")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes of the hybrid stack. Parameter names follow Hugging Face's Jamba layout."""
@@ -35,6 +39,14 @@ class ModelConfig:
     ssm_head_dim: int = 64  # Mamba-2 only: channels per SSM head (P)
     n_groups: int = 1  # Mamba-2 only: groups of heads sharing B and C (G)
     mlp_hidden: int = 928
+    # Jamba's sparse mixture-of-experts MLP: layer i is MoE when num_experts > 1 and
+    # i % expert_layer_period == expert_layer_offset; each token runs its experts_per_token
+    # experts. num_experts = 1 is the dense SwiGLU in every layer (the other fields unused).
+    num_experts: int = 1
+    experts_per_token: int = 2
+    expert_layer_period: int = 2
+    expert_layer_offset: int = 1
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     seq_len: int = 128
@@ -59,6 +71,14 @@ class ModelConfig:
     def is_attention(self, layer: int) -> bool:
         return layer in self.attention_layers
 
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer's MLP is a sparse mixture of experts (Hugging Face Jamba's rule)."""
+        return self.num_experts > 1 and layer % self.expert_layer_period == self.expert_layer_offset
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.n_layers) if self.is_moe(i))
+
     def validate(self) -> None:
         positive = (
             "vocab_size",
@@ -73,6 +93,9 @@ class ModelConfig:
             "ssm_head_dim",
             "n_groups",
             "mlp_hidden",
+            "num_experts",
+            "experts_per_token",
+            "expert_layer_period",
             "seq_len",
         )
         for name in positive:
@@ -81,6 +104,16 @@ class ModelConfig:
                 raise NexusError(f"model config: {name} must be a positive integer, got {value!r}")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise NexusError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        offset = self.expert_layer_offset
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise NexusError(
+                f"model config: expert_layer_offset must be an integer >= 0, got {offset!r}"
+            )
+        coef = self.router_aux_loss_coef
+        if not (_is_number(coef) and coef >= 0 and math.isfinite(coef)):
+            raise NexusError(
+                f"model config: router_aux_loss_coef must be a number >= 0, got {coef!r}"
+            )
         if self.vocab_size > 256:
             raise NexusError(
                 f"model config: vocab_size {self.vocab_size} is more than the 256 byte values; "
@@ -104,6 +137,7 @@ class ModelConfig:
                 )
         if len(set(self.attention_layers)) != len(self.attention_layers):
             raise NexusError("model config: attention_layers lists a layer twice")
+        self._validate_experts()
         if self.ssm not in SSM_CHOICES:
             raise NexusError(
                 f"model config: ssm must be one of {', '.join(SSM_CHOICES)}, got {self.ssm!r}"
@@ -119,6 +153,28 @@ class ModelConfig:
                     f"model config: the {self.ssm_heads} SSM heads are not divisible by "
                     f"n_groups {self.n_groups}; pick n_groups that divides them (e.g. 1)"
                 )
+
+    def _validate_experts(self) -> None:
+        period, offset = self.expert_layer_period, self.expert_layer_offset
+        if offset >= period:
+            # Hugging Face's JambaConfig refuses it too; and such an offset is never reached.
+            raise NexusError(
+                f"model config: expert_layer_offset {offset} must be below expert_layer_period "
+                f"{period} (layer i is MoE when i % period == offset); e.g. period 2, offset 1"
+            )
+        if self.num_experts == 1:
+            return
+        if self.experts_per_token > self.num_experts:
+            raise NexusError(
+                f"model config: experts_per_token {self.experts_per_token} exceeds num_experts "
+                f"{self.num_experts}; route each token to at most num_experts experts"
+            )
+        if not self.moe_layers:
+            raise NexusError(
+                f"model config: num_experts is {self.num_experts} but no layer of {self.n_layers} "
+                f"has index % {period} == {offset}; lower expert_layer_period or "
+                "expert_layer_offset, or set num_experts 1 for a dense model"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -147,6 +203,20 @@ PRESETS: dict[str, ModelConfig] = {
         d_state=8,
         dt_rank=4,
         mlp_hidden=128,
+        seq_len=32,
+    ),
+    # nexus-tiny with Jamba's MoE on the attention layer: 4 experts, top-2.
+    "nexus-tiny-moe": ModelConfig(
+        d_model=64,
+        n_layers=2,
+        attention_layers=(1,),
+        n_heads=4,
+        n_kv_heads=2,
+        d_state=8,
+        dt_rank=4,
+        mlp_hidden=128,
+        num_experts=4,
+        experts_per_token=2,
         seq_len=32,
     ),
 }
@@ -254,10 +324,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**_checked_kwargs(cls, data, "train config"))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _checked_kwargs(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:

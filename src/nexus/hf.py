@@ -1,9 +1,12 @@
 """Hugging Face Jamba export and import.
 
-Nexus's parameter names already are `JambaForCausalLM`'s, so the weights travel unchanged; what
-this module adds is the config translation (Nexus's `attention_layers` as Jamba's
-`attn_layer_period` / `attn_layer_offset`, a dense MLP as `num_experts=1`), a check of every
-tensor name and shape against the Jamba layout, and refusals of what one side cannot express.
+Nexus's parameter names already are `JambaForCausalLM`'s, so the weights travel unchanged
+except the experts of MoE layers: Nexus (like transformers 5's module) stacks them in 3-D
+tensors, and the files hold one tensor per expert (`feed_forward.experts.3.gate_proj.weight`),
+as `save_pretrained` writes them in transformers 4 and 5 alike. What this module adds is that
+split, the config translation (Nexus's `attention_layers` as Jamba's `attn_layer_period` /
+`attn_layer_offset`, a dense MLP as `num_experts=1`), a check of every tensor name and shape
+against the Jamba layout, and refusals of what one side cannot express.
 
 Export needs no `transformers`: `config.json` is written by hand, in the keys `JambaConfig`
 reads (transformers 4.44 and 5.x alike), and `model.safetensors` holds float32 tensors.
@@ -51,6 +54,11 @@ EXPORTED_FIELDS = {
     "expand",
     "dt_rank",
     "mlp_hidden",
+    "num_experts",
+    "experts_per_token",
+    "expert_layer_period",
+    "expert_layer_offset",
+    "router_aux_loss_coef",
     "norm_eps",
     "tie_embeddings",
     "seq_len",
@@ -68,6 +76,8 @@ JAMBA_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
     "num_experts": 16,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.001,
     "expert_layer_period": 2,
     "expert_layer_offset": 1,
     "attn_layer_period": 8,
@@ -88,6 +98,7 @@ INTEGER_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "num_experts",
+    "num_experts_per_tok",
     "expert_layer_period",
     "expert_layer_offset",
     "attn_layer_period",
@@ -139,8 +150,9 @@ def attention_layers_from_schedule(period: int, offset: int, n_layers: int) -> t
 
 
 def jamba_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a dense JambaForCausalLM with this config, by its Hugging Face name
-    (without `lm_head.weight` when the embeddings are tied, as HF saves it)."""
+    """Every tensor of a JambaForCausalLM file with this config, by its Hugging Face name
+    (without `lm_head.weight` when the embeddings are tied, and one set of MLP tensors per
+    expert, as HF saves them)."""
     d, e, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     kv = config.n_kv_heads * config.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}
@@ -167,9 +179,15 @@ def jamba_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[m + "A_log"] = (e, n)
             shapes[m + "D"] = (e,)
             shapes[m + "out_proj.weight"] = (d, e)
-        shapes[p + "feed_forward.gate_proj.weight"] = (config.mlp_hidden, d)
-        shapes[p + "feed_forward.up_proj.weight"] = (config.mlp_hidden, d)
-        shapes[p + "feed_forward.down_proj.weight"] = (d, config.mlp_hidden)
+        if config.is_moe(i):
+            shapes[p + "feed_forward.router.weight"] = (config.num_experts, d)
+            mlps = [f"{p}feed_forward.experts.{j}." for j in range(config.num_experts)]
+        else:
+            mlps = [p + "feed_forward."]
+        for mlp in mlps:
+            shapes[mlp + "gate_proj.weight"] = (config.mlp_hidden, d)
+            shapes[mlp + "up_proj.weight"] = (config.mlp_hidden, d)
+            shapes[mlp + "down_proj.weight"] = (d, config.mlp_hidden)
     shapes["model.final_layernorm.weight"] = (d,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
@@ -199,11 +217,42 @@ def check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source:
         )
 
 
+def split_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Nexus's stacked expert tensors as the per-expert tensors of a Jamba file."""
+    tensors = dict(state)
+    for i in config.moe_layers:
+        experts = f"model.layers.{i}.feed_forward.experts."
+        gate_up = tensors.pop(experts + "gate_up_proj")  # (experts, 2·hidden, d): gate, then up
+        down = tensors.pop(experts + "down_proj")  # (experts, d, hidden)
+        for j in range(config.num_experts):
+            gate, up = gate_up[j].chunk(2, dim=0)
+            tensors[f"{experts}{j}.gate_proj.weight"] = gate.contiguous()
+            tensors[f"{experts}{j}.up_proj.weight"] = up.contiguous()
+            tensors[f"{experts}{j}.down_proj.weight"] = down[j].contiguous()
+    return tensors
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The per-expert tensors of a Jamba file (checked by check_tensors) stacked as Nexus's."""
+    state = dict(tensors)
+    for i in config.moe_layers:
+        experts = f"model.layers.{i}.feed_forward.experts."
+        names = [
+            [f"{experts}{j}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+            for j in range(config.num_experts)
+        ]
+        state[experts + "gate_up_proj"] = torch.stack(
+            [torch.cat([state.pop(gate), state.pop(up)]) for gate, up, _ in names]
+        )
+        state[experts + "down_proj"] = torch.stack([state.pop(down) for _, _, down in names])
+    return state
+
+
 # --- config translation -----------------------------------------------------------------------
 
 
 def jamba_config_dict(config: ModelConfig) -> dict[str, Any]:
-    """The config.json of a dense JambaForCausalLM equal to this Nexus model."""
+    """The config.json of a JambaForCausalLM equal to this Nexus model."""
     defaults = ModelConfig()
     for field in dataclasses.fields(ModelConfig):
         if field.name not in EXPORTED_FIELDS and getattr(config, field.name) != getattr(
@@ -221,6 +270,22 @@ def jamba_config_dict(config: ModelConfig) -> dict[str, Any]:
             "(its generation cache needs at least one attention layer)"
         )
     period, offset = attention_schedule(config.attention_layers, config.n_layers)
+    if config.moe_layers:
+        experts = {
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.experts_per_token,
+            "expert_layer_period": config.expert_layer_period,
+            "expert_layer_offset": config.expert_layer_offset,
+        }
+    else:
+        # A dense MLP in every layer. The expert offset must be 0: JambaConfig refuses an
+        # offset that is not below the period.
+        experts = {
+            "num_experts": 1,
+            "num_experts_per_tok": 1,
+            "expert_layer_period": 1,
+            "expert_layer_offset": 0,
+        }
     return {
         "architectures": ["JambaForCausalLM"],
         "model_type": "jamba",
@@ -233,12 +298,7 @@ def jamba_config_dict(config: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "attn_layer_period": period,
         "attn_layer_offset": offset,
-        # A dense MLP in every layer. The expert offset must be 0: JambaConfig refuses an
-        # offset that is not below the period.
-        "num_experts": 1,
-        "num_experts_per_tok": 1,
-        "expert_layer_period": 1,
-        "expert_layer_offset": 0,
+        **experts,
         "mamba_d_state": config.d_state,
         "mamba_d_conv": config.d_conv,
         "mamba_expand": config.expand,
@@ -259,7 +319,7 @@ def jamba_config_dict(config: ModelConfig) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "use_cache": True,
         "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
+        "router_aux_loss_coef": config.router_aux_loss_coef,
         # Unused: Jamba has no positional encoding. JambaConfig's default.
         "max_position_embeddings": 262144,
         "torch_dtype": "float32",  # transformers 4.x
@@ -281,7 +341,7 @@ def model_config_from_jamba(hf: dict[str, Any], seq_len: int | None = None) -> M
     for key in INTEGER_KEYS:
         if not isinstance(c[key], int) or isinstance(c[key], bool):
             raise NexusError(f"config.json: {key} must be an integer, got {c[key]!r}")
-    for key in ("expert_layer_period", "attn_layer_period"):
+    for key in ("expert_layer_period", "attn_layer_period", "num_experts"):
         if c[key] <= 0:
             raise NexusError(f"config.json: {key} must be positive, got {c[key]}")
     vocab = c["vocab_size"]
@@ -290,16 +350,23 @@ def model_config_from_jamba(hf: dict[str, Any], seq_len: int | None = None) -> M
             f"vocab_size {vocab} is more than the 256 byte values: Nexus models read bytes, so "
             "only Jamba models with vocab_size <= 256 import"
         )
-    experts = c["num_experts"]
     n_layers = c["num_hidden_layers"]
-    moe_layers = [
-        i for i in range(n_layers) if i % c["expert_layer_period"] == c["expert_layer_offset"]
-    ]
-    if experts > 1 and moe_layers:
-        raise NexusError(
-            f"num_experts is {experts}: layers {moe_layers} are sparse mixture-of-experts MLPs, "
-            "and Nexus imports dense Jamba models only (num_experts 1)"
-        )
+    is_moe = c["num_experts"] > 1 and any(
+        i % c["expert_layer_period"] == c["expert_layer_offset"] for i in range(n_layers)
+    )
+    # Without MoE layers the expert settings mean nothing: Nexus's defaults keep the config
+    # equal to a dense preset.
+    experts = (
+        {
+            "num_experts": c["num_experts"],
+            "experts_per_token": c["num_experts_per_tok"],
+            "expert_layer_period": c["expert_layer_period"],
+            "expert_layer_offset": c["expert_layer_offset"],
+            "router_aux_loss_coef": c["router_aux_loss_coef"],
+        }
+        if is_moe
+        else {}
+    )
     if c["mamba_proj_bias"]:
         raise NexusError(
             "mamba_proj_bias is true: Nexus's Mamba in_proj/out_proj have no biases; only "
@@ -328,6 +395,7 @@ def model_config_from_jamba(hf: dict[str, Any], seq_len: int | None = None) -> M
             expand=c["mamba_expand"],
             dt_rank=dt_rank,
             mlp_hidden=c["intermediate_size"],
+            **experts,
             norm_eps=float(c["rms_norm_eps"]),
             tie_embeddings=bool(c["tie_word_embeddings"]),
             seq_len=seq_len,
@@ -372,7 +440,7 @@ def export_to_hf(
     hf_config = jamba_config_dict(config)
     tensors = {
         name: tensor.detach().to(torch.float32).contiguous()
-        for name, tensor in model_state_for_saving(model).items()
+        for name, tensor in split_experts(model_state_for_saving(model), config).items()
     }
     check_tensors(tensors, config, f"checkpoint {str(checkpoint_path)!r}")
     try:
@@ -484,7 +552,7 @@ def import_from_hf(
     check_tensors(tensors, config, f"{str(source)!r}")
 
     model = NexusLM(config)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(stack_experts(tensors, config), strict=False)
     assert not unexpected and sorted(missing) == (
         ["lm_head.weight"] if config.tie_embeddings else []
     )

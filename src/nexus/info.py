@@ -16,9 +16,21 @@ def layer_schedule(config: ModelConfig) -> list[str]:
     return ["attention" if config.is_attention(i) else "mamba" for i in range(config.n_layers)]
 
 
+def inactive_parameters(config: ModelConfig) -> int:
+    """Parameters of the experts a token does not run: num_experts - top_k SwiGLU MLPs in
+    every MoE layer."""
+    per_expert = 3 * config.d_model * config.mlp_hidden
+    unused = config.num_experts - config.experts_per_token
+    return len(config.moe_layers) * unused * per_expert
+
+
 def parameter_breakdown(model: NexusLM) -> dict[str, int]:
-    """Parameter counts by component; tied weights counted once (under embedding)."""
-    counts = {"embedding": 0, "attention": 0, "mamba": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    """Parameter counts by component; tied weights counted once (under embedding). The MLPs
+    of MoE layers count all their experts; their routers are a component of their own."""
+    components = ["embedding", "attention", "mamba", "mlp", "norms", "lm_head"]
+    if model.has_moe:
+        components.insert(4, "router")
+    counts = dict.fromkeys(components, 0)
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if id(param) in seen:
@@ -32,6 +44,8 @@ def parameter_breakdown(model: NexusLM) -> dict[str, int]:
             key = "attention"
         elif ".mamba." in name and "layernorm" not in name:
             key = "mamba"
+        elif ".feed_forward.router." in name:
+            key = "router"
         elif "feed_forward" in name:
             key = "mlp"
         else:
@@ -66,8 +80,9 @@ def flops_per_token(config: ModelConfig) -> dict[str, int]:
     """Model FLOPs per token at context seq_len: 2 per multiply-accumulate of every weight
     matrix (embedding lookup excluded), attention scores and values over the full context
     (the PaLM convention), the depthwise conv and the selective scan (Mamba-1: 8 FLOPs per
-    state element and step; Mamba-2: see mamba2_flops_per_token). Training = 3 × forward
-    (the backward costs twice the forward)."""
+    state element and step; Mamba-2: see mamba2_flops_per_token). An MoE layer costs its
+    router and the experts_per_token experts each token runs. Training = 3 × forward (the
+    backward costs twice the forward)."""
     d, E, N, R = config.d_model, config.d_inner, config.d_state, config.dt_rank
     kv_dim = config.n_kv_heads * config.head_dim
     mlp = 2 * 3 * d * config.mlp_hidden
@@ -81,10 +96,13 @@ def flops_per_token(config: ModelConfig) -> dict[str, int]:
             + SCAN_FLOPS_PER_STATE * E * N
         )
     n_attention = len(config.attention_layers)
+    n_moe = len(config.moe_layers)
+    moe = 2 * d * config.num_experts + config.experts_per_token * mlp
     forward = (
         n_attention * attention
         + (config.n_layers - n_attention) * mamba
-        + config.n_layers * mlp
+        + (config.n_layers - n_moe) * mlp
+        + n_moe * moe
         + 2 * d * config.vocab_size
     )
     return {"forward": forward, "train": 3 * forward}
@@ -94,7 +112,7 @@ def model_info(config: ModelConfig, preset_name: str | None = None) -> dict[str,
     model = NexusLM(config)
     params = parameter_breakdown(model)
     flops = flops_per_token(config)
-    return {
+    info = {
         "preset": preset_name,
         "config": config.to_dict(),
         "layer_schedule": layer_schedule(config),
@@ -103,6 +121,10 @@ def model_info(config: ModelConfig, preset_name: str | None = None) -> dict[str,
         "flops_per_token_forward": flops["forward"],
         "flops_per_token_train": flops["train"],
     }
+    if model.has_moe:
+        info["moe_layers"] = list(config.moe_layers)
+        info["active_parameters"] = params["total"] - inactive_parameters(config)
+    return info
 
 
 def _mamba_line(config: dict[str, Any]) -> str:
@@ -116,6 +138,17 @@ def _mamba_line(config: dict[str, Any]) -> str:
     return f"  mamba           {sizes}, dt_rank {config['dt_rank']}"
 
 
+def _mlp_line(config: dict[str, Any], moe_layers: list[int]) -> str:
+    line = f"  mlp             SwiGLU, hidden {config['mlp_hidden']}"
+    if moe_layers:
+        line += (
+            f"; sparse MoE in layers {', '.join(map(str, moe_layers))}: top-"
+            f"{config['experts_per_token']} of {config['num_experts']} experts, "
+            f"aux loss coef {config['router_aux_loss_coef']}"
+        )
+    return line
+
+
 def format_info(info: dict[str, Any]) -> str:
     config = info["config"]
     schedule = info["layer_schedule"]
@@ -123,13 +156,18 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"Nexus model{' ' + info['preset'] if info['preset'] else ''}",
         f"  parameters      {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
+    ]
+    if "active_parameters" in info:
+        active = info["active_parameters"]
+        lines[-1] += f" in total, {active:,} ({active / 1e6:.2f}M) active per token"
+    lines += [
         f"  d_model         {config['d_model']}",
         f"  layers          {config['n_layers']} ({n_attention} attention, "
         f"{len(schedule) - n_attention} Mamba): {' '.join(schedule)}",
         f"  attention       {config['n_heads']} heads, {config['n_kv_heads']} KV heads "
         f"(GQA), head_dim {config['d_model'] // config['n_heads']}, no positional encoding",
         _mamba_line(config),
-        f"  mlp             SwiGLU, hidden {config['mlp_hidden']}",
+        _mlp_line(config, info.get("moe_layers", [])),
         f"  vocab           {config['vocab_size']} (byte-level), seq_len {config['seq_len']}, "
         f"{'tied' if config['tie_embeddings'] else 'untied'} embeddings",
         "  parameters by component:",

@@ -1,11 +1,13 @@
 """The Jamba-style hybrid: RMSNorm, Mamba mixers (Mamba-1, or Mamba-2 with `ssm="mamba2"`),
-grouped-query attention, SwiGLU MLP, the decoder layers and the stack, with a recurrent cache
-for generation.
+grouped-query attention, SwiGLU MLP or Jamba's sparse mixture of SwiGLU experts, the decoder
+layers and the stack, with a recurrent cache for generation.
 
 Module and parameter names match Hugging Face's `JambaForCausalLM` exactly
 (`model.layers.3.self_attn.q_proj.weight`, `model.layers.0.mamba.A_log`, ...): they are the
-export contract, so do not rename them. The Mamba-2 mixer's names follow Hugging Face's
-`BambaForCausalLM` mixer (`mamba.in_proj`, `mamba.dt_bias`, `mamba.norm.weight`, ...).
+export contract, so do not rename them. An MoE layer's experts are stacked in 3-D tensors, as
+in transformers 5's module (`feed_forward.experts.gate_up_proj`); the export splits them into
+the per-expert tensors that `save_pretrained` writes. The Mamba-2 mixer's names follow Hugging
+Face's `BambaForCausalLM` mixer (`mamba.in_proj`, `mamba.dt_bias`, `mamba.norm.weight`, ...).
 """
 
 from __future__ import annotations
@@ -294,6 +296,79 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass
+class RoutingStats:
+    """What the load-balancing loss needs of one MoE layer's forward."""
+
+    assignments: Tensor  # (experts,) how many (token, top-k slot) pairs chose each expert
+    probability_sum: Tensor  # (experts,) router probabilities summed over tokens (with grad)
+    tokens: int
+
+
+class Experts(nn.Module):
+    """num_experts SwiGLU MLPs, stacked: gate_up_proj (experts, 2·hidden, d_model) holds each
+    expert's gate rows then up rows, down_proj (experts, d_model, hidden)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, d, hidden = config.num_experts, config.d_model, config.mlp_hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * hidden, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, hidden))
+
+    def forward(self, tokens: Tensor, counts: list[int]) -> Tensor:
+        """tokens (n, d_model) sorted by expert, counts[e] of them for expert e -> (n, d_model)."""
+        outputs = []
+        for expert, rows in enumerate(tokens.split(counts)):
+            gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+        return torch.cat(outputs)
+
+
+class SparseMoE(nn.Module):
+    """Jamba's sparse mixture of experts: the router's softmax picks each token's top-k
+    experts, whose outputs are summed weighted by their (not renormalised) probabilities.
+
+    Tokens are gathered per expert, so each expert runs one matrix product over its tokens.
+    The routing of the last forward is kept in `last_routing` for the load-balancing loss."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = config.num_experts, config.experts_per_token
+        self.router = nn.Linear(config.d_model, config.num_experts, bias=False)
+        self.experts = Experts(config)
+        self.last_routing: RoutingStats | None = None
+
+    def route(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens (n, d_model) -> probabilities (n, experts) in fp32, and the top-k weights
+        (n, k) and expert indices (n, k), largest weight first."""
+        probabilities = F.softmax(self.router(tokens), dim=-1, dtype=torch.float32)
+        weights, chosen = probabilities.topk(self.top_k, dim=-1)
+        return probabilities, weights.to(tokens.dtype), chosen
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        tokens = hidden.reshape(-1, hidden.shape[-1])  # (n, d_model)
+        probabilities, weights, chosen = self.route(tokens)
+        expert_of_pair = chosen.flatten()  # (n·k,): pair j is token j // k's (j % k)-th choice
+        order = expert_of_pair.argsort(stable=True)
+        counts = torch.bincount(expert_of_pair, minlength=self.num_experts)
+        token_of_pair = order // self.top_k
+        outputs = self.experts(tokens[token_of_pair], counts.tolist())  # (n·k, d_model)
+        outputs = outputs * weights.flatten()[order].unsqueeze(-1)
+        mixed = outputs.new_zeros(tokens.shape).index_add_(0, token_of_pair, outputs)
+        self.last_routing = RoutingStats(counts, probabilities.sum(0), tokens.shape[0])
+        return mixed.view(hidden.shape)
+
+
+def load_balancing_loss(stats: list[RoutingStats], num_experts: int) -> Tensor:
+    """Switch Transformer's auxiliary loss as Hugging Face Jamba computes it: the tokens of all
+    MoE layers pooled, num_experts · Σ_e f_e · P_e with f_e the top-k assignments to expert e
+    per token and P_e its mean router probability. Balanced routing gives top_k."""
+    tokens = sum(s.tokens for s in stats)
+    assigned = torch.stack([s.assignments for s in stats]).sum(0).float() / tokens
+    probability = torch.stack([s.probability_sum for s in stats]).sum(0) / tokens
+    return num_experts * (assigned * probability).sum()
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h))."""
 
@@ -308,7 +383,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mamba = MambaMixer(config)
         self.pre_ff_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.feed_forward = MLP(config)
+        self.is_moe = config.is_moe(layer)
+        self.feed_forward = SparseMoE(config) if self.is_moe else MLP(config)
 
     @property
     def mixer(self) -> Attention | MambaMixer | Mamba2Mixer:
@@ -367,6 +443,9 @@ class NexusLM(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, (RMSNorm, GatedRMSNorm)):
                 module.weight.fill_(1.0)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, 0.0, INIT_STD)
+                nn.init.normal_(module.down_proj, 0.0, residual_std)
         for layer in self.model.layers:
             if not layer.is_attention:
                 layer.mamba.reset_ssm_parameters()
@@ -396,6 +475,17 @@ class NexusLM(nn.Module):
             hidden, state = layer.step(hidden, state)
             new_cache.append(state)
         return self.lm_head(self.model.final_layernorm(hidden))[:, 0], new_cache
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(self.config.moe_layers)
+
+    def aux_loss(self) -> Tensor:
+        """The load-balancing loss of the routing in the last forward (MoE models only)."""
+        stats = [layer.feed_forward.last_routing for layer in self.model.layers if layer.is_moe]
+        if not stats or any(s is None for s in stats):
+            raise RuntimeError("aux_loss() needs a forward of a model with MoE layers first")
+        return load_balancing_loss(stats, self.config.num_experts)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

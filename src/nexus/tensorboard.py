@@ -14,6 +14,7 @@ SCALARS = {
     "train": ("loss", "lr", "grad_norm", "tokens_per_s"),
     "eval": ("train_loss", "train_ppl", "val_loss", "val_ppl"),
 }
+OPTIONAL_SCALARS = ("aux_loss",)  # an MoE model's load-balancing loss
 SAMPLE_TAG = "eval/sample"
 
 
@@ -38,7 +39,8 @@ class TensorBoardLog:
     def add(self, record: dict[str, Any]) -> None:
         """Write a metrics.jsonl record (a "train" or an "eval" one) at its step."""
         step = record["step"]
-        for key in SCALARS[record["kind"]]:
+        optional = [key for key in OPTIONAL_SCALARS if key in record]
+        for key in [*SCALARS[record["kind"]], *optional]:
             self.writer.add_scalar(f"{record['kind']}/{key}", record[key], step)
         if record["kind"] == "eval":
             self.writer.add_text(SAMPLE_TAG, sample_markdown(record["sample"]), step)

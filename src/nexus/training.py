@@ -67,11 +67,12 @@ def checkpoint_steps(out_dir: Path) -> list[int]:
 
 
 def build_optimizer(model: NexusLM, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: not on norms, biases, conv filters,
-    A_log, D or the Δ bias, whose scale is part of what they mean."""
+    """AdamW with weight decay on weight matrices only (an MoE layer's stacks of expert
+    matrices included): not on norms, biases, conv filters, A_log, D or the Δ bias, whose scale
+    is part of what they mean."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        is_matrix = param.ndim == 2 and not name.endswith("A_log")
+        is_matrix = (param.ndim == 2 and not name.endswith("A_log")) or ".experts." in name
         (decay if is_matrix else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
@@ -417,7 +418,7 @@ class Trainer:
         self.bar = bar = self._progress_bar()
         with StopRequests() as stop, self._tensorboard_events():
             for step in range(self.state.step + 1, config.max_steps + 1):
-                loss, grad_norm, lr = self._train_step(step)
+                loss, aux_loss, grad_norm, lr = self._train_step(step)
                 self.state.step = step
                 self.state.elapsed_s = elapsed_before + time.perf_counter() - start
                 window_tokens += config.tokens_per_step
@@ -437,6 +438,8 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "elapsed_s": self.state.elapsed_s,
                     }
+                    if aux_loss is not None:
+                        record["aux_loss"] = aux_loss
                     if self.dist.is_main:
                         self._append_metrics(record)
                         self._show_train(bar, record)
@@ -482,13 +485,16 @@ class Trainer:
         evals = [r for r in records if r.get("kind") == "eval"]
         return evals[-1] if evals else {}
 
-    def _train_step(self, step: int) -> tuple[float, float, float]:
+    def _train_step(self, step: int) -> tuple[float, float | None, float, float]:
+        """One optimizer step: (cross-entropy, MoE load-balancing loss or None, gradient norm,
+        lr). The gradient is of cross-entropy + router_aux_loss_coef · load-balancing loss."""
         config = self.config
         lr = lr_at(step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
+        has_moe = self.model.has_moe
+        total_loss = total_aux_loss = 0.0
         for micro_step in self.dist.micro_steps(config.grad_accum):
             inputs, targets = train_batch(
                 self.corpus,
@@ -502,14 +508,22 @@ class Trainer:
             with autocast(self.device):
                 logits = self.model(inputs)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            (loss / config.grad_accum).backward()
+            objective = loss
+            if has_moe:
+                aux_loss = self.model.aux_loss()
+                objective = loss + self.model_config.router_aux_loss_coef * aux_loss
+                total_aux_loss += aux_loss.item()
+            (objective / config.grad_accum).backward()
             total_loss += loss.item()
         total_loss = self.dist.sum(total_loss, self.device)
+        mean_aux_loss = (
+            self.dist.sum(total_aux_loss, self.device) / config.grad_accum if has_moe else None
+        )
         self.dist.sum_gradients(self.model)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
         if math.isfinite(total_loss) and math.isfinite(grad_norm):
             self.optimizer.step()  # a non-finite step would poison the weights: skip it
-        return total_loss / config.grad_accum, grad_norm, lr
+        return total_loss / config.grad_accum, mean_aux_loss, grad_norm, lr
 
     def _evaluate(self, step: int, lr: float) -> dict[str, Any]:
         config = self.config
@@ -666,16 +680,19 @@ class Trainer:
     def _show_train(self, bar: Any, record: dict[str, Any]) -> None:
         if bar is not None:
             bar.update(record["step"] - bar.n)
+            aux = {"aux": f"{record['aux_loss']:.4f}"} if "aux_loss" in record else {}
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
+                **aux,
                 lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
             return
         remaining = self.config.max_steps - record["step"]
         eta_s = remaining * self.config.tokens_per_step / max(record["tokens_per_s"], 1e-9)
+        aux = f"aux_loss {record['aux_loss']:.4f} " if "aux_loss" in record else ""
         self._log(
-            f"step {record['step']}/{self.config.max_steps} loss {record['loss']:.4f} "
+            f"step {record['step']}/{self.config.max_steps} loss {record['loss']:.4f} {aux}"
             f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
             f"{record['tokens_per_s']:.0f} tok/s eta {eta_s / 60:.1f} min"
         )
