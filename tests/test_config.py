@@ -100,6 +100,20 @@ def test_layering_defaults_then_file_then_flags(tmp_path: Path) -> None:
     assert config.model_config().d_model == 256
 
 
+def test_a_preset_brings_its_training_settings_below_file_and_flags(tmp_path: Path) -> None:
+    fast = resolve_train_config(None, {"preset": "nexus-6m-fast"})
+    assert (fast.lr, fast.max_steps, fast.warmup_steps) == (1e-3, 1000, 50)
+    assert (fast.micro_batch, fast.grad_accum) == (8, 2)  # the same 16 windows per step
+    assert fast.out_dir == "checkpoints/nexus-6m-fast"  # not the reference run's directory
+    assert fast.weight_decay == 0.1 and fast.model_config().ssm == "mamba2"
+    file = tmp_path / "run.toml"
+    file.write_text('preset = "nexus-6m-fast"\nmax_steps = 300\n')
+    layered = resolve_train_config(file, {"lr": 5e-4})
+    assert (layered.max_steps, layered.lr, layered.warmup_steps) == (300, 5e-4, 50)
+    reference = resolve_train_config(None, {})
+    assert (reference.lr, reference.max_steps, reference.micro_batch) == (3e-4, 2000, 4)
+
+
 def test_yaml_file_and_malformed_files(tmp_path: Path) -> None:
     good = tmp_path / "run.yaml"
     good.write_text("max_steps: 300\nwarmup_steps: 10\n")
