@@ -56,3 +56,16 @@ def test_user_mistakes_print_one_line(args: list[str], message: str, tmp_path: P
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("nexus: error: ") and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
+    """`nexus info | head -1`: the pipe closes before nexus writes; no error text, exit 141."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nexus", "info", "--preset", "nexus-6m"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before nexus has imported torch, so its first write finds no reader
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, stderr
+    assert stderr == ""

@@ -18,6 +18,7 @@ from nexus.errors import NexusError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer whose reader left
 TRAIN_FLAGS_SKIPPED = {"model", "preset", "data", "out_dir"}  # declared by hand below
 
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"nexus: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader went away (`nexus info | head -3`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_BROKEN_PIPE
     except OSError as error:  # a disk or permission problem that no check above foresaw
         if args.debug:
             traceback.print_exc()
