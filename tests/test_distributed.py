@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,13 +76,24 @@ def test_grad_accum_that_does_not_divide_is_refused(text_corpus: Path, tmp_path:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def as_flags(settings: dict[str, Any]) -> list[str]:
+    """`nexus train` flags for TrainConfig settings (a boolean as --name or --no-name)."""
+    args: list[str] = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            args.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            args += [f"--{name}", str(value)]
+    return args
+
+
 def test_two_gloo_processes_match_one_process(text_corpus: Path, tmp_path: Path) -> None:
     single, double = tmp_path / "single", tmp_path / "double"
     Trainer(tiny_config(text_corpus, single, **SETTINGS), progress=False).run()
 
     flags = {**tiny_config(text_corpus, double, **SETTINGS).to_dict(), **SETTINGS}
     flags.pop("model")
-    result = torchrun([arg for name, value in flags.items() for arg in (f"--{name}", str(value))])
+    result = torchrun(as_flags(flags))
     # Only rank 0 logs: each eval is reported once.
     assert result.stdout.count("step 4: train loss") == 1, result.stdout
 
