@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from nexus import decode
 from nexus.model import NexusLM
 
 
@@ -45,28 +48,62 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
 ) -> bytes:
-    """The prompt's continuation (new bytes only), one cached step per byte."""
+    """The prompt's continuation (new bytes only), one cached step per byte.
+
+    A float32 model on the CPU decodes with the numba kernel of `nexus.decode` (greedy
+    decoding entirely inside it), any other with `NexusLM.step`. On the CPU, PyTorch runs
+    one intra-op thread meanwhile (restored after): batch-1 work is too small to share, and
+    a second thread only adds synchronisation, which costs whole time slices on a busy
+    machine."""
     if not prompt:
         prompt = b"\n"  # the model needs one byte to condition on
-    device = next(model.parameters()).device
+    if max_new_tokens <= 0:
+        return b""
     generator = torch.Generator(device="cpu")
     if seed is not None:
         generator.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    logits, cache = model.prefill(input_ids)
-    next_logits = logits[:, -1]
-    new_bytes: list[int] = []
-    for _ in range(max_new_tokens):
+
+    def pick(logits: Tensor) -> int:
         token = sample_next(
-            next_logits.cpu(),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
+            logits.cpu(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
-        new_bytes.append(int(token[0]))
-        next_logits, cache = model.step(token.to(device), cache)
-    model.train(was_training)
+        return int(token[0])
+
+    was_training, threads = model.training, torch.get_num_threads()
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    model.eval()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        if decode.supported(model):
+            return _generate_fast(model, prompt, max_new_tokens, pick, greedy=temperature == 0)
+        return _generate_stepwise(model, prompt, max_new_tokens, pick)
+    finally:
+        model.train(was_training)
+        if on_cpu:
+            torch.set_num_threads(threads)
+
+
+def _generate_fast(
+    model: NexusLM, prompt: bytes, count: int, pick: Callable[[Tensor], int], greedy: bool
+) -> bytes:
+    decoder = decode.Decoder(model, len(prompt) + count)
+    new_bytes = [pick(decoder.prefill(list(prompt))[None])]
+    if greedy:
+        return bytes(new_bytes + decoder.greedy(new_bytes[0], count - 1))
+    while len(new_bytes) < count:  # no step for the last byte: nothing reads its logits
+        new_bytes.append(pick(decoder.step(new_bytes[-1])[None]))
+    return bytes(new_bytes)
+
+
+def _generate_stepwise(
+    model: NexusLM, prompt: bytes, count: int, pick: Callable[[Tensor], int]
+) -> bytes:
+    device = next(model.parameters()).device
+    logits, cache = model.prefill(torch.tensor([list(prompt)], dtype=torch.long, device=device))
+    new_bytes = [pick(logits[:, -1])]
+    while len(new_bytes) < count:
+        token = torch.tensor([new_bytes[-1]], dtype=torch.long, device=device)
+        logits, cache = model.step(token, cache)
+        new_bytes.append(pick(logits))
     return bytes(new_bytes)
