@@ -68,6 +68,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
         ({"min_lr": 1.0}, "min_lr 1.0 is above the peak lr"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),
         ({"tensorboard": "no"}, "tensorboard must be true or false"),
+        ({"compile": "yes"}, "compile must be auto, on or off, got 'yes'"),
         ({"model": {"n_kv_heads": 3}}, "not divisible by n_kv_heads"),
     ],
 )

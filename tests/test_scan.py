@@ -130,6 +130,26 @@ def test_fast_handles_non_contiguous_inputs_and_thread_counts():
         assert torch.equal(a, b)
 
 
+@needs_numba
+def test_fast_scan_is_a_well_formed_custom_op():
+    # Fake (shape-only) kernels, autograd registration and schema, as torch.compile needs them.
+    inputs = make_inputs(2, 8, 8, 4, "normal", torch.float64)
+    torch.library.opcheck(scan._scan_forward_op, inputs)
+
+
+@needs_numba
+def test_compiled_scan_has_one_graph_and_the_same_results():
+    inputs = make_inputs(2, 16, 8, 4, "normal")
+    compiled = torch.compile(selective_scan, fullgraph=True, dynamic=False)  # no graph break
+    for name, a, b in zip(
+        NAMES,
+        outputs_and_grads(compiled, inputs),
+        outputs_and_grads(selective_scan, inputs),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+
+
 def explicit_scan(x, dt, A, Bm, Cm, Dskip):
     """The recurrence written out element by element in float64 numpy."""
     batch, steps, dim = x.shape

@@ -18,11 +18,17 @@ import torch
 
 from conftest import tiny_config
 from nexus.checkpoint import load_checkpoint, read_header
-from nexus.config import TrainConfig
+from nexus.config import TrainConfig, preset
 from nexus.errors import NexusError
 from nexus.hf import export_to_hf, import_from_hf
 from nexus.model import NexusLM
-from nexus.training import Trainer, build_optimizer, model_from_checkpoint
+from nexus.training import (
+    COMPILE_MIN_MICRO_STEPS,
+    Trainer,
+    build_optimizer,
+    model_from_checkpoint,
+    use_compile,
+)
 
 
 def evals(run_dir: Path) -> dict[int, dict]:
@@ -57,6 +63,40 @@ def test_run_directory_contents(finished_run: Path) -> None:
         saved["dataset"]["bytes"] == saved["dataset"]["train_bytes"] + saved["dataset"]["val_bytes"]
     )
     assert sorted(evals(finished_run)) == [2, 4, 6, 8]
+
+
+def test_compile_auto_means_long_dense_runs() -> None:
+    reference, moe = preset("nexus-6m"), preset("nexus-tiny-moe")
+    long_run = TrainConfig(max_steps=COMPILE_MIN_MICRO_STEPS // 4, grad_accum=4)
+    short_run = TrainConfig(max_steps=COMPILE_MIN_MICRO_STEPS // 4 - 1, grad_accum=4)
+    assert use_compile(TrainConfig(), reference)  # the reference run: 2000 steps x 4
+    assert use_compile(long_run, reference)
+    assert not use_compile(short_run, reference)
+    assert not use_compile(long_run, moe)
+    assert use_compile(TrainConfig(max_steps=1, warmup_steps=0, compile="on"), moe)
+    assert not use_compile(TrainConfig(compile="off"), reference)
+
+
+def test_compiled_run_matches_the_eager_run(
+    finished_run: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    log = io.StringIO()
+    Trainer(tiny_config(text_corpus, run, compile="on"), progress=False, log=log).run()
+    assert "compiling the training step" in log.getvalue()
+    compiled, eager = evals(run), evals(finished_run)
+    assert sorted(compiled) == sorted(eager)
+    for step in eager:  # the same run up to float rounding: the fused kernels sum differently
+        for key in ("train_loss", "val_loss"):
+            assert compiled[step][key] == pytest.approx(eager[step][key], rel=1e-4), (step, key)
+    # A compiled run resumes exactly, as an eager one does.
+    shutil.copytree(run, resumed)
+    for step in (6, 8):
+        (resumed / f"step_{step}.bin").unlink()
+    Trainer(tiny_config(text_corpus, resumed, compile="on"), resume=True, progress=False).run()
+    for step in (6, 8):
+        for key in ("train_loss", "val_loss", "sample"):
+            assert evals(resumed)[step][key] == compiled[step][key], (step, key)
 
 
 def test_best_checkpoint_is_the_lowest_val_loss(finished_run: Path) -> None:

@@ -15,6 +15,7 @@ import yaml
 from nexus.errors import NexusError
 
 SSM_CHOICES = ("mamba1", "mamba2")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def _is_number(value: Any) -> bool:
@@ -274,6 +275,7 @@ class TrainConfig:
     sample_prompt: str = "To be"
     sample_bytes: int = 200
     device: str = "auto"
+    compile: str = "auto"  # torch.compile the training step: auto (long dense runs), on, off
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's fields
 
     def __post_init__(self) -> None:
@@ -331,6 +333,8 @@ class TrainConfig:
             raise NexusError(
                 f"train config: tensorboard must be true or false, got {self.tensorboard!r}"
             )
+        if self.compile not in COMPILE_CHOICES:
+            raise NexusError(f"train config: compile must be auto, on or off, got {self.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise NexusError(f"train config: device must be auto, cpu or cuda, got {self.device!r}")
         if not isinstance(self.model, dict):

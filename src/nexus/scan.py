@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import torch
+from torch import Tensor
 
 try:
     if os.environ.get("NEXUS_DISABLE_NUMBA") == "1":
@@ -53,14 +54,14 @@ _FTZ = {
 
 
 def selective_scan_step(
-    state: torch.Tensor,
-    x_t: torch.Tensor,
-    dt_t: torch.Tensor,
-    A: torch.Tensor,
-    B_t: torch.Tensor,
-    C_t: torch.Tensor,
-    Dskip: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    state: Tensor,
+    x_t: Tensor,
+    dt_t: Tensor,
+    A: Tensor,
+    B_t: Tensor,
+    C_t: Tensor,
+    Dskip: Tensor,
+) -> tuple[Tensor, Tensor]:
     """One step: state (B,D,N), x_t/dt_t (B,D), B_t/C_t (B,N) -> (y_t (B,D), new state)."""
     decay = torch.exp(dt_t.unsqueeze(-1) * A)  # (B, D, N)
     state = decay * state + (dt_t * x_t).unsqueeze(-1) * B_t.unsqueeze(1)  # (B, D, N)
@@ -69,14 +70,14 @@ def selective_scan_step(
 
 
 def selective_scan_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    Bm: torch.Tensor,
-    Cm: torch.Tensor,
-    Dskip: torch.Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    Bm: Tensor,
+    Cm: Tensor,
+    Dskip: Tensor,
     return_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Sequential loop over time. Returns y (B,T,D), or (y, h_last (B,D,N)) if return_state."""
     batch, _, dim = x.shape
     state = x.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
@@ -90,14 +91,14 @@ def selective_scan_reference(
 
 
 def selective_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    Bm: torch.Tensor,
-    Cm: torch.Tensor,
-    Dskip: torch.Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    Bm: Tensor,
+    Cm: Tensor,
+    Dskip: Tensor,
     return_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fast selective scan (numba on CPU float32/float64, else the reference).
 
     x, dt: (B,T,D) with dt > 0; A: (D,N) negative; Bm, Cm: (B,T,N); Dskip: (D,).
@@ -113,7 +114,7 @@ def selective_scan(
     )
     if not fast:
         return selective_scan_reference(*tensors, return_state=return_state)
-    y, h_last = _SelectiveScanFn.apply(*tensors)
+    y, h_last = _scan_forward_op(*tensors)
     return (y, h_last) if return_state else y
 
 
@@ -135,53 +136,89 @@ def _check_shapes(x, dt, A, Bm, Cm, Dskip) -> None:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
 
 
-class _SelectiveScanFn(torch.autograd.Function):
-    """Numba forward/backward; the backward recomputes the states instead of storing them."""
+# The kernels as PyTorch custom operators: autograd sees one node per scan, and torch.compile
+# treats each call as opaque instead of tracing (and breaking its graph on) numpy code.
 
-    @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, Dskip):
-        # A is passed transposed, (N, D), so that d (the SIMD lane) is contiguous.
-        inputs = [t.detach().contiguous() for t in (x, dt, A.t(), Bm, Cm, Dskip)]
-        ctx.save_for_backward(*inputs)
-        xn, dtn, Atn, Bn, Cn, Dn = (t.numpy() for t in inputs)
-        batch, _, dim = xn.shape
-        y = np.empty_like(xn)  # (B, T, D)
-        h_last = np.empty((batch, dim, Atn.shape[0]), dtype=xn.dtype)  # (B, D, N)
-        min_arg, tiny = _ftz_args(x.dtype)
-        _use_torch_thread_count()
-        _scan_fwd(xn, dtn, Atn, Bn, Cn, Dn, min_arg, tiny, _chunk_size(dim), y, h_last)
-        return torch.from_numpy(y), torch.from_numpy(h_last)
 
-    @staticmethod
-    def backward(ctx, grad_y, grad_h_last):
-        inputs = ctx.saved_tensors
-        dtype = inputs[0].dtype
-        xn, dtn, Atn, Bn, Cn, Dn = (t.numpy() for t in inputs)
-        batch, steps, dim = xn.shape
-        n = Atn.shape[0]
-        if grad_y is None:
-            grad_y = torch.zeros_like(inputs[0])
-        if grad_h_last is None:
-            grad_h_last = inputs[0].new_zeros(batch, dim, n)
-        gy = grad_y.to(dtype).contiguous().numpy()  # (B, T, D)
-        gh_last = grad_h_last.to(dtype).contiguous().numpy()  # (B, D, N)
-        chunk = _chunk_size(dim)
-        n_chunks = -(-dim // chunk)
-        gx = np.empty_like(xn)
-        gdt = np.empty_like(xn)
-        gAt = np.zeros_like(Atn)  # (N, D)
-        gD = np.zeros_like(Dn)
-        # Bm/Cm gradients sum over d: each D-chunk writes its own partial, summed below.
-        gB_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
-        gC_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
-        min_arg, tiny = _ftz_args(dtype)
-        _use_torch_thread_count()
-        _scan_bwd(
-            xn, dtn, Atn, Bn, Cn, Dn, gy, gh_last, min_arg, tiny, chunk,
-            gx, gdt, gAt, gB_parts, gC_parts, gD,
-        )  # fmt: skip
-        grads = (gx, gdt, gAt.T, gB_parts.sum(0), gC_parts.sum(0), gD)
-        return tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads)
+@torch.library.custom_op("nexus::selective_scan_fwd", mutates_args=())
+def _scan_forward_op(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, Dskip: Tensor
+) -> tuple[Tensor, Tensor]:
+    # A is passed transposed, (N, D), so that d (the SIMD lane) is contiguous.
+    xn, dtn, Atn, Bn, Cn, Dn = _as_numpy(x, dt, A.t(), Bm, Cm, Dskip)
+    batch, _, dim = xn.shape
+    y = np.empty_like(xn)  # (B, T, D)
+    h_last = np.empty((batch, dim, Atn.shape[0]), dtype=xn.dtype)  # (B, D, N)
+    min_arg, tiny = _ftz_args(x.dtype)
+    _use_torch_thread_count()
+    _scan_fwd(xn, dtn, Atn, Bn, Cn, Dn, min_arg, tiny, _chunk_size(dim), y, h_last)
+    return torch.from_numpy(y), torch.from_numpy(h_last)
+
+
+@_scan_forward_op.register_fake
+def _(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, Dskip: Tensor):
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], A.shape[1])
+
+
+@torch.library.custom_op("nexus::selective_scan_bwd", mutates_args=())
+def _scan_backward_op(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    Bm: Tensor,
+    Cm: Tensor,
+    Dskip: Tensor,
+    grad_y: Tensor,
+    grad_h_last: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The backward recomputes the forward states instead of storing (B, T, D, N) of them.
+    xn, dtn, Atn, Bn, Cn, Dn, gy, gh_last = _as_numpy(
+        x, dt, A.t(), Bm, Cm, Dskip, grad_y.to(x.dtype), grad_h_last.to(x.dtype)
+    )
+    batch, steps, dim = xn.shape
+    n = Atn.shape[0]
+    chunk = _chunk_size(dim)
+    n_chunks = -(-dim // chunk)
+    gx = np.empty_like(xn)
+    gdt = np.empty_like(xn)
+    gAt = np.zeros_like(Atn)  # (N, D)
+    gD = np.zeros_like(Dn)
+    # Bm/Cm gradients sum over d: each D-chunk writes its own partial, summed below.
+    gB_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
+    gC_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
+    min_arg, tiny = _ftz_args(x.dtype)
+    _use_torch_thread_count()
+    _scan_bwd(
+        xn, dtn, Atn, Bn, Cn, Dn, gy, gh_last, min_arg, tiny, chunk,
+        gx, gdt, gAt, gB_parts, gC_parts, gD,
+    )  # fmt: skip
+    grads = (gx, gdt, gAt.T, gB_parts.sum(0), gC_parts.sum(0), gD)
+    return tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads)
+
+
+@_scan_backward_op.register_fake
+def _(x, dt, A, Bm, Cm, Dskip, grad_y, grad_h_last):
+    return tuple(torch.empty_like(t) for t in (x, dt, A, Bm, Cm, Dskip))
+
+
+def _save_scan_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _scan_backward(ctx, grad_y: Tensor | None, grad_h_last: Tensor | None):
+    x = ctx.saved_tensors[0]
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    if grad_h_last is None:
+        grad_h_last = x.new_zeros(x.shape[0], x.shape[2], ctx.saved_tensors[2].shape[1])
+    return _scan_backward_op(*ctx.saved_tensors, grad_y, grad_h_last)
+
+
+_scan_forward_op.register_autograd(_scan_backward, setup_context=_save_scan_inputs)
+
+
+def _as_numpy(*tensors: Tensor) -> list[np.ndarray]:
+    return [t.detach().contiguous().numpy() for t in tensors]
 
 
 def _chunk_size(dim: int) -> int:
