@@ -99,6 +99,22 @@ def test_compiled_run_matches_the_eager_run(
             assert evals(resumed)[step][key] == compiled[step][key], (step, key)
 
 
+def test_without_a_cpp_compiler_training_goes_on_eagerly(
+    finished_run: Path, text_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no compiled kernel reused
+    torch._dynamo.reset()
+    log = io.StringIO()
+    config = tiny_config(text_corpus, tmp_path / "run", compile="on", max_steps=2)
+    Trainer(config, progress=False, log=log).run()
+    assert "torch.compile failed (" in log.getvalue()
+    assert "No working C++ compiler" in log.getvalue()
+    assert evals(tmp_path / "run")[2]["val_loss"] == evals(finished_run)[2]["val_loss"]
+
+
 def test_best_checkpoint_is_the_lowest_val_loss(finished_run: Path) -> None:
     records = evals(finished_run)
     best_step = min(records, key=lambda step: records[step]["val_loss"])

@@ -549,7 +549,7 @@ class Trainer:
                 seq_len=self.model_config.seq_len,
             )
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            loss = self.loss_fn(self.model, inputs, targets)
+            loss = self._loss(inputs, targets)
             objective = loss
             if has_moe:
                 aux_loss = self.model.aux_loss()
@@ -566,6 +566,18 @@ class Trainer:
         if math.isfinite(total_loss) and math.isfinite(grad_norm):
             self.optimizer.step()  # a non-finite step would poison the weights: skip it
         return total_loss / config.grad_accum, mean_aux_loss, grad_norm, lr
+
+    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        try:
+            return self.loss_fn(self.model, inputs, targets)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if self.loss_fn is next_byte_loss:
+                raise
+            # No C++ compiler, say: the first call compiles, before any gradient exists.
+            reason = str(error).strip().splitlines()[0]
+            self._log(f"torch.compile failed ({reason}); training eagerly instead")
+            self.loss_fn = next_byte_loss
+            return self.loss_fn(self.model, inputs, targets)
 
     def _evaluate(self, step: int, lr: float) -> dict[str, Any]:
         config = self.config
