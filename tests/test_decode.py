@@ -117,3 +117,21 @@ def test_moe_models_use_the_torch_step() -> None:
     model = NexusLM(preset("nexus-tiny-moe")).eval()
     assert not decode.supported(model)
     assert generate(model, b"To be", 24, temperature=0) == recomputed_greedy(model, b"To be", 24)
+
+
+def test_parallel_matrix_products_give_the_same_logits_on_any_thread_count() -> None:
+    # nexus-6m's matrices are large enough to be split across threads (the tiny ones are not).
+    torch.manual_seed(0)
+    model = NexusLM(preset("nexus-6m")).eval()
+    assert model.model.layers[0].mamba.in_proj.weight.numel() >= decode._PARALLEL_MIN_WEIGHTS
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    runs = []
+    for threads in (1, 2):
+        decoder = decode.Decoder(model, len(ids), threads=threads)
+        logits = [decoder.prefill(ids[:4]).clone()]
+        logits += [decoder.step(token).clone() for token in ids[4:]]
+        runs.append(torch.stack(logits))
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0, 3:]
+    torch.testing.assert_close(runs[0], full, atol=1e-4, rtol=1e-4)

@@ -31,6 +31,12 @@ FAST_DECODE_ENABLED: bool = scan.numba is not None
 
 MAMBA1, MAMBA2, ATTENTION = 0, 1, 2
 
+# A matrix-vector product with at least this many weights is split into _MATVEC_PARTS blocks of
+# rows run in parallel (a fixed count, so results never depend on the thread count); smaller
+# ones cost less than a parallel launch (~1 µs) saves.
+_PARALLEL_MIN_WEIGHTS = 16384
+_MATVEC_PARTS = 2
+
 # Indices into the `dims` array the kernel gets.
 _VOCAB, _D_MODEL, _MLP, _E, _N, _R, _K, _HEADS, _KV_HEADS, _HEAD_DIM = range(10)
 _SSM_HEADS, _SSM_HEAD_DIM, _GROUPS, _MAX_LEN, _N_DIMS = 10, 11, 12, 13, 14
@@ -108,11 +114,14 @@ class Decoder:
     `prefill` the prompt, then `step` one byte at a time or run `greedy`. Reads the model's
     weights as they were at construction."""
 
-    def __init__(self, model: NexusLM, max_len: int) -> None:
+    def __init__(self, model: NexusLM, max_len: int, threads: int | None = None) -> None:
         if not supported(model):
             raise ValueError("the fast decoder needs numba and a float32 model on the CPU")
         c = model.config
         self.model = model
+        # The large matrix-vector products use this many threads (default: torch's count).
+        limit = scan.numba.config.NUMBA_NUM_THREADS
+        self.threads = max(1, min(threads or torch.get_num_threads(), limit))
         self.packed = _Packed(model)  # ~20 ms at nexus-6m
         dims = np.zeros(_N_DIMS, dtype=np.int64)
         dims[_VOCAB], dims[_D_MODEL], dims[_MLP] = c.vocab_size, c.d_model, c.mlp_hidden
@@ -172,6 +181,7 @@ class Decoder:
             raise ValueError(f"the decoder holds {self.max_len} positions")
         picks = np.zeros(count, dtype=np.int64)
         p = self.packed
+        scan.numba.set_num_threads(self.threads)
         _decode(
             p.weights, p.offsets, p.bases, p.kinds, self.dims, self.state, self.state_offsets,
             self.eps, self.min_arg, self.tiny, token, self.length, count, greedy, picks,
@@ -199,18 +209,19 @@ if scan.numba is not None:
     _FASTMATH = {"contract", "reassoc"}  # no nnan/ninf: NaN and Inf still propagate
     _F0, _F1, _F20 = np.float32(0.0), np.float32(1.0), np.float32(20.0)
     _NEG_INF = np.float32(-np.inf)
+    prange = scan.prange
 
     @_jit(fastmath=_FASTMATH)
     def _param(W, off, index):
         return W[off[index] : off[index + 1]]
 
     @_jit(fastmath=_FASTMATH)
-    def _matvec(W, rows, cols, x, out):
-        """out (rows,) = W (rows, cols) @ x (cols,), W flat row-major. Four rows at a time,
-        so each load of x serves four products (~5-10 % faster than one row at a time)."""
-        M = W.reshape((rows, cols))
-        j = 0
-        while j + 4 <= rows:
+    def _matvec_rows(M, x, out, start, stop):
+        """out[start:stop] = M[start:stop] @ x. Four rows at a time, so each load of x serves
+        four products (~5-10 % faster than one row at a time)."""
+        cols = M.shape[1]
+        j = start
+        while j + 4 <= stop:
             acc0 = acc1 = acc2 = acc3 = _F0
             for i in range(cols):
                 xi = x[i]
@@ -220,11 +231,31 @@ if scan.numba is not None:
                 acc3 += M[j + 3, i] * xi
             out[j], out[j + 1], out[j + 2], out[j + 3] = acc0, acc1, acc2, acc3
             j += 4
-        for r in range(j, rows):
+        for r in range(j, stop):
             acc = _F0
             for i in range(cols):
                 acc += M[r, i] * x[i]
             out[r] = acc
+
+    @_jit(parallel=True, fastmath=_FASTMATH)
+    def _matvec_parallel(M, x, out):
+        """_matvec_rows over _MATVEC_PARTS blocks of rows (multiples of 4, so every row is
+        summed as in one serial call) on numba's threads."""
+        rows = M.shape[0]
+        block = -(-(rows // 4) // _MATVEC_PARTS) * 4
+        for part in prange(_MATVEC_PARTS):
+            _matvec_rows(M, x, out, min(rows, part * block), min(rows, (part + 1) * block))
+
+    @_jit(fastmath=_FASTMATH)
+    def _matvec(W, rows, cols, x, out):
+        """out (rows,) = W (rows, cols) @ x (cols,), W flat row-major; large matrices on
+        several threads (reading the weights is the bottleneck, and each core brings its own
+        bandwidth)."""
+        M = W.reshape((rows, cols))
+        if rows * cols >= _PARALLEL_MIN_WEIGHTS:
+            _matvec_parallel(M, x, out)
+        else:
+            _matvec_rows(M, x, out, 0, rows)
 
     @_jit(fastmath=_FASTMATH)
     def _rmsnorm(x, weight, eps, out):

@@ -51,10 +51,10 @@ def generate(
     """The prompt's continuation (new bytes only), one cached step per byte.
 
     A float32 model on the CPU decodes with the numba kernel of `nexus.decode` (greedy
-    decoding entirely inside it), any other with `NexusLM.step`. On the CPU, PyTorch runs
-    one intra-op thread meanwhile (restored after): batch-1 work is too small to share, and
-    a second thread only adds synchronisation, which costs whole time slices on a busy
-    machine."""
+    decoding entirely inside it, its large matrix-vector products on the caller's torch thread
+    count), any other with `NexusLM.step`. On the CPU, PyTorch runs one intra-op thread
+    meanwhile (restored after): its batch-1 operations are too small to share, and a second
+    thread only adds synchronisation, which costs whole time slices on a busy machine."""
     if not prompt:
         prompt = b"\n"  # the model needs one byte to condition on
     if max_new_tokens <= 0:
@@ -76,7 +76,9 @@ def generate(
         torch.set_num_threads(1)
     try:
         if decode.supported(model):
-            return _generate_fast(model, prompt, max_new_tokens, pick, greedy=temperature == 0)
+            return _generate_fast(
+                model, prompt, max_new_tokens, pick, greedy=temperature == 0, threads=threads
+            )
         return _generate_stepwise(model, prompt, max_new_tokens, pick)
     finally:
         model.train(was_training)
@@ -85,9 +87,14 @@ def generate(
 
 
 def _generate_fast(
-    model: NexusLM, prompt: bytes, count: int, pick: Callable[[Tensor], int], greedy: bool
+    model: NexusLM,
+    prompt: bytes,
+    count: int,
+    pick: Callable[[Tensor], int],
+    greedy: bool,
+    threads: int,
 ) -> bytes:
-    decoder = decode.Decoder(model, len(prompt) + count)
+    decoder = decode.Decoder(model, len(prompt) + count, threads=threads)
     new_bytes = [pick(decoder.prefill(list(prompt))[None])]
     if greedy:
         return bytes(new_bytes + decoder.greedy(new_bytes[0], count - 1))
