@@ -50,20 +50,29 @@ def torch_step_generate(monkeypatch: pytest.MonkeyPatch, *args, **kwargs) -> byt
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decoder_steps_match_the_full_forward(name: str) -> None:
+# Prefilled by the kernel (3 bytes, shorter than d_conv) and by PyTorch (longer prompts).
+@pytest.mark.parametrize("prompt_length", [3, decode.KERNEL_PREFILL_MAX + 4])
+def test_decoder_steps_match_the_full_forward(name: str, prompt_length: int) -> None:
     model = model_of(name)
+    length = prompt_length + 37
     ids = torch.randint(
-        0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3)
+        0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(3)
     )
     with torch.no_grad():
         full = model(ids)[0]
-    decoder = decode.Decoder(model, 40)
-    stepped = [decoder.prefill(ids[0, :3].tolist()).clone()]  # shorter than d_conv
-    for position in range(3, 40):
+    decoder = decode.Decoder(model, length)
+    stepped = [decoder.prefill(ids[0, :prompt_length].tolist()).clone()]
+    for position in range(prompt_length, length):
         stepped.append(decoder.step(int(ids[0, position])).clone())
-    torch.testing.assert_close(torch.stack(stepped[:-1]), full[2:39], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="holds 40 positions"):
+    torch.testing.assert_close(
+        torch.stack(stepped[:-1]), full[prompt_length - 1 : -1], atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(ValueError, match=f"holds {length} positions"):
         decoder.step(0)
+    # A second prefill starts from empty caches again.
+    torch.testing.assert_close(
+        decoder.prefill(ids[0, :prompt_length].tolist()), stepped[0], atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

