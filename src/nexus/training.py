@@ -154,9 +154,7 @@ def evaluate_loss(
     model.eval()
     total = 0.0
     for inputs, targets in batches:
-        with autocast(device):
-            logits = model(inputs.to(device))
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).item()
+        total += next_byte_loss(model, inputs.to(device), targets.to(device)).item()
     model.train(was_training)
     return total / len(batches)
 
@@ -455,7 +453,7 @@ class Trainer:
         compiled = use_compile(config, self.model_config)
         self.loss_fn = next_byte_loss
         if compiled:
-            self._log("compiling the training step with torch.compile (compile = off skips it)")
+            self._log("compiling the training step (~1 min the first time; --compile off skips it)")
             self.loss_fn = torch.compile(next_byte_loss, dynamic=False)
         self.bar = bar = self._progress_bar()
         with (
