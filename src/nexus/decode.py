@@ -123,8 +123,7 @@ class Decoder:
         c = model.config
         self.model = model
         # The large matrix-vector products use this many threads (default: torch's count).
-        limit = scan.numba.config.NUMBA_NUM_THREADS
-        self.threads = max(1, min(threads or torch.get_num_threads(), limit))
+        self.threads = threads or torch.get_num_threads()
         self.packed = _Packed(model)  # ~20 ms at nexus-6m
         dims = np.zeros(_N_DIMS, dtype=np.int64)
         dims[_VOCAB], dims[_D_MODEL], dims[_MLP] = c.vocab_size, c.d_model, c.mlp_hidden
@@ -194,7 +193,7 @@ class Decoder:
             raise ValueError(f"the decoder holds {self.max_len} positions")
         picks = np.zeros(count, dtype=np.int64)
         p = self.packed
-        scan.numba.set_num_threads(self.threads)
+        scan.use_numba_threads(self.threads)
         _decode(
             p.weights, p.offsets, p.bases, p.kinds, self.dims, self.state, self.state_offsets,
             self.eps, self.min_arg, self.tiny, token, self.length, count, greedy, picks,

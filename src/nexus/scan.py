@@ -150,7 +150,7 @@ def _scan_forward_op(
     y = np.empty_like(xn)  # (B, T, D)
     h_last = np.empty((batch, dim, Atn.shape[0]), dtype=xn.dtype)  # (B, D, N)
     min_arg, tiny = _ftz_args(x.dtype)
-    _use_torch_thread_count()
+    use_numba_threads(torch.get_num_threads())  # torch's thread count governs numba's too
     _scan_fwd(xn, dtn, Atn, Bn, Cn, Dn, min_arg, tiny, _chunk_size(dim), y, h_last)
     return torch.from_numpy(y), torch.from_numpy(h_last)
 
@@ -187,7 +187,7 @@ def _scan_backward_op(
     gB_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
     gC_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
     min_arg, tiny = _ftz_args(x.dtype)
-    _use_torch_thread_count()
+    use_numba_threads(torch.get_num_threads())  # torch's thread count governs numba's too
     _scan_bwd(
         xn, dtn, Atn, Bn, Cn, Dn, gy, gh_last, min_arg, tiny, chunk,
         gx, gdt, gAt, gB_parts, gC_parts, gD,
@@ -232,9 +232,9 @@ def _ftz_args(dtype: torch.dtype) -> tuple[np.floating, np.floating]:
     return np_type(min_arg), np_type(tiny)
 
 
-def _use_torch_thread_count() -> None:
-    # torch.set_num_threads then governs numba's kernels too.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def use_numba_threads(count: int) -> None:
+    """Run the next numba kernels on `count` threads, within what numba started with."""
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _jit(**options):
