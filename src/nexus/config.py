@@ -16,6 +16,7 @@ from nexus.errors import NexusError
 
 SSM_CHOICES = ("mamba1", "mamba2")
 COMPILE_CHOICES = ("auto", "on", "off")
+SCHEDULE_CHOICES = ("cosine", "wsd")
 
 
 def _is_number(value: Any) -> bool:
@@ -262,6 +263,10 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 0.0  # cosine floor: the reference run ended at val 1.4971, 1.5098 at 10 %
     warmup_steps: int = 100
+    # After the warmup: "cosine" decays to min_lr at max_steps; "wsd" (warmup-stable-decay)
+    # holds the peak, then decays linearly to min_lr over the last cooldown_fraction of steps.
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_interval: int = 200
@@ -284,6 +289,12 @@ class TrainConfig:
     @property
     def checkpoint_interval(self) -> int:
         return self.save_interval or self.eval_interval
+
+    @property
+    def cooldown_steps(self) -> int:
+        """The wsd schedule's linear cool-down, at least one step, never into the warmup."""
+        steps = round(self.cooldown_fraction * self.max_steps)
+        return max(1, min(steps, self.max_steps - self.warmup_steps))
 
     @property
     def tokens_per_step(self) -> int:
@@ -332,6 +343,16 @@ class TrainConfig:
         if not isinstance(self.tensorboard, bool):
             raise NexusError(
                 f"train config: tensorboard must be true or false, got {self.tensorboard!r}"
+            )
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise NexusError(
+                f"train config: schedule must be one of {', '.join(SCHEDULE_CHOICES)}, "
+                f"got {self.schedule!r}"
+            )
+        fraction = self.cooldown_fraction
+        if not (_is_number(fraction) and 0 < fraction <= 1):
+            raise NexusError(
+                f"train config: cooldown_fraction must be in (0, 1], got {fraction!r}"
             )
         if self.compile not in COMPILE_CHOICES:
             raise NexusError(f"train config: compile must be auto, on or off, got {self.compile!r}")
