@@ -133,6 +133,7 @@ class CurveRun:
         return [*flags, "--no-tensorboard", "--force"]
 
 
+# fmt: off
 # The split was drawn before any run: within each corpus, runs alternate design / test, with
 # the reference-size runs on both sides.
 RUNS = [
@@ -144,22 +145,22 @@ RUNS = [
     CurveRun("shk-small-lr6e4-wsd", "design", "shakespeare", "small", 6e-4, 1000, 100, "wsd"),
     CurveRun("shk-small-lr2e4-cos", "test", "shakespeare", "small", 2e-4, 600, 50, seed=7),
     CurveRun("shk-mid-lr3e4-cos10", "design", "shakespeare", "mid", 3e-4, 800, 100, "cosine10",
-             batch=(4, 1)),  # fmt: skip
+             batch=(4, 1)),
     CurveRun("shk-mid-ssd-lr9e4-wsd", "test", "shakespeare", "mid-ssd", 9e-4, 600, 50, "wsd",
-             warmup_steps=50, batch=(4, 1)),  # fmt: skip
+             warmup_steps=50, batch=(4, 1)),
     CurveRun("shk-6m-lr3e4-cos", "design", "shakespeare", "6m", 3e-4, 500, 50, batch=(4, 1),
-             extra={"eval_batches": 8}),  # fmt: skip
+             extra={"eval_batches": 8}),
     CurveRun("shk-6m-ssd-lr9e4-cos", "test", "shakespeare", "6m-ssd", 9e-4, 400, 50,
-             warmup_steps=40, batch=(4, 1), extra={"eval_batches": 8}),  # fmt: skip
+             warmup_steps=40, batch=(4, 1), extra={"eval_batches": 8}),
     CurveRun("shk-moe-lr9e4-cos", "design", "shakespeare", "tiny-moe", 9e-4, 1000, 100),
     CurveRun("shk-moe-lr3e4-cos10", "test", "shakespeare", "tiny-moe", 3e-4, 700, 70, "cosine10"),
     # a 100 KB slice: ~8 epochs and more, val turns up
     CurveRun("shk100k-small-lr9e4-cos", "design", "shakespeare-100k", "small", 9e-4, 2000, 100),
     CurveRun("shk100k-mid-lr6e4-cos", "test", "shakespeare-100k", "mid", 6e-4, 1200, 100,
-             batch=(4, 2)),  # fmt: skip
+             batch=(4, 2)),
     CurveRun("shk100k-tiny-lr9e4-wsd", "test", "shakespeare-100k", "tiny", 9e-4, 2500, 125, "wsd"),
     CurveRun("shk100k-mid-lr3e4-wsd", "design", "shakespeare-100k", "mid", 3e-4, 1000, 50, "wsd",
-             batch=(4, 2)),  # fmt: skip
+             batch=(4, 2)),
     # Python source
     CurveRun("py-tiny-lr9e4-cos", "test", "python", "tiny", 9e-4, 2000, 200),
     CurveRun("py-tiny-lr3e4-cos10", "design", "python", "tiny", 3e-4, 1000, 100, "cosine10"),
@@ -167,19 +168,19 @@ RUNS = [
     CurveRun("py-small-lr1e4-cos", "design", "python", "small", 1e-4, 600, 60, seed=3),
     CurveRun("py-mid-lr6e4-cos", "design", "python", "mid", 6e-4, 700, 70, batch=(4, 1)),
     CurveRun("py-mid-ssd-lr3e4-cos10", "test", "python", "mid-ssd", 3e-4, 800, 100, "cosine10",
-             batch=(4, 1)),  # fmt: skip
+             batch=(4, 1)),
     CurveRun("py-moe-lr6e4-wsd", "design", "python", "tiny-moe", 6e-4, 900, 100, "wsd"),
     CurveRun("py-6m-lr6e4-wsd", "test", "python", "6m", 6e-4, 500, 50, "wsd", warmup_steps=50,
-             batch=(4, 1), extra={"eval_batches": 8}),  # fmt: skip
+             batch=(4, 1), extra={"eval_batches": 8}),
     # Vim's English help
     CurveRun("vim-tiny-lr6e4-cos", "design", "vimdoc", "tiny", 6e-4, 1200, 100),
     CurveRun("vim-tiny-lr2e4-wsd", "test", "vimdoc", "tiny", 2e-4, 900, 100, "wsd", seed=5),
     CurveRun("vim-small-lr9e4-cos10", "design", "vimdoc", "small", 9e-4, 1800, 200, "cosine10"),
     CurveRun("vim-small-lr3e4-cos", "test", "vimdoc", "small", 3e-4, 1000, 50),
     CurveRun("vim-mid-ssd-lr6e4-wsd", "design", "vimdoc", "mid-ssd", 6e-4, 700, 100, "wsd",
-             batch=(4, 1)),  # fmt: skip
+             batch=(4, 1)),
     CurveRun("vim-mid-lr9e4-cos", "test", "vimdoc", "mid", 9e-4, 600, 60, warmup_steps=60,
-             batch=(4, 1)),  # fmt: skip
+             batch=(4, 1)),
     # Man pages in Russian, Ukrainian, Japanese and Chinese
     CurveRun("intl-tiny-lr9e4-wsd", "design", "intl", "tiny", 9e-4, 1500, 150, "wsd"),
     CurveRun("intl-tiny-lr3e4-cos", "test", "intl", "tiny", 3e-4, 1200, 100),
@@ -197,34 +198,35 @@ RUNS = [
     # A second draw of the same kinds, split the same way, for a finer coverage count
     CurveRun("shk-tiny-lr2e4-cos-b", "test", "shakespeare", "tiny", 2e-4, 2000, 200, seed=21),
     CurveRun("shk-small-lr9e4-cos10-b", "design", "shakespeare", "small", 9e-4, 1200, 40,
-             "cosine10", warmup_steps=50),  # fmt: skip
+             "cosine10", warmup_steps=50),
     CurveRun("shk-tiny-lr9e4-wsd-b", "test", "shakespeare", "tiny", 9e-4, 700, 35, "wsd",
-             extra={"cooldown_fraction": 0.3}),  # fmt: skip
+             extra={"cooldown_fraction": 0.3}),
     CurveRun("shk-mid-lr6e4-wsd-b", "design", "shakespeare", "mid", 6e-4, 900, 90, "wsd",
-             batch=(4, 1), extra={"cooldown_fraction": 0.1}),  # fmt: skip
+             batch=(4, 1), extra={"cooldown_fraction": 0.1}),
     CurveRun("shk-6m-lr9e4-cos10-b", "test", "shakespeare", "6m", 9e-4, 300, 30, "cosine10",
-             warmup_steps=30, batch=(4, 1), extra={"eval_batches": 8}),  # fmt: skip
+             warmup_steps=30, batch=(4, 1), extra={"eval_batches": 8}),
     CurveRun("py-tiny-lr6e4-wsd-b", "design", "python", "tiny", 6e-4, 2400, 200, "wsd"),
     CurveRun("py-small-lr3e4-cos-b", "test", "python", "small", 3e-4, 1400, 140, seed=4),
     CurveRun("py-tiny-lr1e4-cos-b", "test", "python", "tiny", 1e-4, 1000, 100, "cosine10"),
     CurveRun("vim-tiny-lr9e4-wsd-b", "design", "vimdoc", "tiny", 9e-4, 1600, 80, "wsd",
-             extra={"cooldown_fraction": 0.15}),  # fmt: skip
+             extra={"cooldown_fraction": 0.15}),
     CurveRun("vim-moe-lr6e4-cos-b", "test", "vimdoc", "tiny-moe", 6e-4, 1000, 100),
     CurveRun("vim-small-lr6e4-wsd-b", "test", "vimdoc", "small", 6e-4, 800, 40, "wsd"),
     CurveRun("intl-tiny-lr6e4-cos10-b", "design", "intl", "tiny", 6e-4, 1800, 150, "cosine10"),
     CurveRun("intl-mid-ssd-lr9e4-cos-b", "test", "intl", "mid-ssd", 9e-4, 700, 70,
-             warmup_steps=50, batch=(4, 1)),  # fmt: skip
+             warmup_steps=50, batch=(4, 1)),
     CurveRun("intl-small-lr2e4-wsd-b", "test", "intl", "small", 2e-4, 1000, 100, "wsd"),
     CurveRun("rnd-tiny-lr6e4-wsd-b", "design", "random", "tiny", 6e-4, 1500, 150, "wsd"),
     CurveRun("rnd-small-lr3e4-cos-b", "test", "random", "small", 3e-4, 900, 90),
     CurveRun("shk100k-small-lr6e4-cos10-b", "design", "shakespeare-100k", "small", 6e-4, 3000,
-             150, "cosine10"),  # fmt: skip
+             150, "cosine10"),
     CurveRun("shk100k-tiny-lr3e4-cos-b", "test", "shakespeare-100k", "tiny", 3e-4, 2000, 100),
     CurveRun("py-mid-ssd-lr9e4-wsd-b", "design", "python", "mid-ssd", 9e-4, 600, 60, "wsd",
-             warmup_steps=60, batch=(4, 1)),  # fmt: skip
+             warmup_steps=60, batch=(4, 1)),
     CurveRun("vim-6m-ssd-lr6e4-cos-b", "design", "vimdoc", "6m-ssd", 6e-4, 400, 40,
-             warmup_steps=40, batch=(4, 1), extra={"eval_batches": 8}),  # fmt: skip
+             warmup_steps=40, batch=(4, 1), extra={"eval_batches": 8}),
 ]
+# fmt: on
 
 
 def build_corpus(name: str, folder: Path) -> Path:

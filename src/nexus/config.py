@@ -351,9 +351,7 @@ class TrainConfig:
             )
         fraction = self.cooldown_fraction
         if not (_is_number(fraction) and 0 < fraction <= 1):
-            raise NexusError(
-                f"train config: cooldown_fraction must be in (0, 1], got {fraction!r}"
-            )
+            raise NexusError(f"train config: cooldown_fraction must be in (0, 1], got {fraction!r}")
         if self.compile not in COMPILE_CHOICES:
             raise NexusError(f"train config: compile must be auto, on or off, got {self.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
