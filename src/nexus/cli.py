@@ -1,4 +1,5 @@
-"""The `nexus` command: info, train, eval, sample, report. Each subcommand is a thin layer over
+"""The `nexus` command: info, train, eval, sample, report (the progress page, or --csv: the
+records as CSV), compare (runs side by side), export, import. Each subcommand is a thin layer over
 a library call; a user's mistake prints one line and exits non-zero (`--debug` shows the trace)."""
 
 from __future__ import annotations
@@ -126,14 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337)
     sample.set_defaults(handler=run_sample)
 
-    report = commands.add_parser("report", help="write TRAINING_PROGRESS.md for a run directory")
+    report = commands.add_parser(
+        "report", help="write TRAINING_PROGRESS.md for a run directory, or its records as CSV"
+    )
     report.add_argument("run_dir")
-    report.add_argument(
+    output = report.add_mutually_exclusive_group()
+    output.add_argument(
         "--backtest",
         action="store_true",
         help="forecast the final val loss from the first half of the evals and score it",
     )
+    output.add_argument(
+        "--csv",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="instead of the page, write every record of metrics.jsonl as CSV to PATH "
+        "(- or none: standard output)",
+    )
     report.set_defaults(handler=run_report)
+
+    compare = commands.add_parser(
+        "compare", help="write COMPARISON.md and comparison.png for runs side by side"
+    )
+    compare.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a training run's out_dir; table rows in this order",
+    )
+    compare.add_argument(
+        "--out", default=".", metavar="DIR", help="where to write (default: the current directory)"
+    )
+    compare.set_defaults(handler=run_compare)
 
     export = commands.add_parser("export", help="write a checkpoint as a Hugging Face Jamba model")
     export.add_argument("checkpoint")
@@ -272,10 +298,25 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_report(args: argparse.Namespace) -> None:
     from nexus.report import backtest, format_backtest, write_report
 
-    if args.backtest:
+    if args.csv == "-":
+        from nexus.records_csv import records_csv
+
+        sys.stdout.write(records_csv(Path(args.run_dir)))
+    elif args.csv is not None:
+        from nexus.records_csv import write_records_csv
+
+        print(f"wrote {write_records_csv(Path(args.run_dir), Path(args.csv))}")
+    elif args.backtest:
         print(format_backtest(backtest(Path(args.run_dir))))
     else:
         print(write_report(Path(args.run_dir)))
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from nexus.compare import compare_runs
+
+    markdown, plot = compare_runs([Path(p) for p in args.run_dirs], Path(args.out))
+    print(f"wrote {markdown} and {plot}")
 
 
 def run_export(args: argparse.Namespace) -> None:
