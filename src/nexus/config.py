@@ -276,6 +276,13 @@ class TrainConfig:
     log_interval: int = 10
     tensorboard: bool = True  # event files in out_dir/tensorboard, when tensorboard is installed
     max_bad_steps: int = 5  # non-finite steps in a row before training stops
+    # Off by default, so the reference run always trains to max_steps. On, an eval stops the
+    # run when val loss has stayed above its best for early_stop_patience evals, or when even
+    # the optimistic end of the forecast's interval gains less than early_stop_min_gain nats
+    # over the remaining steps (the upper end, so an uncertain forecast never stops a run).
+    early_stop: bool = False
+    early_stop_patience: int = 3
+    early_stop_min_gain: float = 0.01
     seed: int = 1337
     sample_prompt: str = "To be"
     sample_bytes: int = 200
@@ -314,6 +321,7 @@ class TrainConfig:
             "eval_batch_size",
             "log_interval",
             "max_bad_steps",
+            "early_stop_patience",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -327,7 +335,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_number(value) or not value > 0 or not math.isfinite(value):
                 raise NexusError(f"train config: {name} must be a number > 0, got {value!r}")
-        for name in ("min_lr", "weight_decay"):
+        for name in ("min_lr", "weight_decay", "early_stop_min_gain"):
             value = getattr(self, name)
             if not _is_number(value) or not value >= 0 or not math.isfinite(value):
                 raise NexusError(f"train config: {name} must be a number >= 0, got {value!r}")
@@ -340,10 +348,10 @@ class TrainConfig:
                 f"train config: warmup_steps {self.warmup_steps} exceeds max_steps "
                 f"{self.max_steps}; shorten the warmup or train longer"
             )
-        if not isinstance(self.tensorboard, bool):
-            raise NexusError(
-                f"train config: tensorboard must be true or false, got {self.tensorboard!r}"
-            )
+        for name in ("tensorboard", "early_stop"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise NexusError(f"train config: {name} must be true or false, got {value!r}")
         if self.schedule not in SCHEDULE_CHOICES:
             raise NexusError(
                 f"train config: schedule must be one of {', '.join(SCHEDULE_CHOICES)}, "

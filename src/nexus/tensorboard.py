@@ -1,8 +1,8 @@
 """TensorBoard event files of a run, when the optional `tensorboard` package is installed: every
 record the trainer appends to metrics.jsonl, as scalars tagged `train/<key>` (each log line) and
-`eval/<key>` (each eval), plus each eval's sample as text, all at the training step. They live
-in `<out_dir>/tensorboard/`, the directory to pass to `tensorboard --logdir`. metrics.jsonl stays
-the record of the run; these files are a view of it."""
+`eval/<key>` (each eval), plus each eval's sample and an early stop's reason as text, all at
+the training step. They live in `<out_dir>/tensorboard/`, the directory to pass to
+`tensorboard --logdir`. metrics.jsonl stays the record of the run; these files are a view of it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SCALARS = {
 }
 OPTIONAL_SCALARS = ("aux_loss",)  # an MoE model's load-balancing loss
 SAMPLE_TAG = "eval/sample"
+STOP_TAG = "stop/reason"
 
 
 class TensorBoardLog:
@@ -37,8 +38,13 @@ class TensorBoardLog:
         return cls(SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_step))
 
     def add(self, record: dict[str, Any]) -> None:
-        """Write a metrics.jsonl record (a "train" or an "eval" one) at its step."""
+        """Write a metrics.jsonl record at its step: a "train" or an "eval" one as scalars, a
+        "stop" one (--early_stop ended the run) as the text of its reason."""
         step = record["step"]
+        if record["kind"] == "stop":
+            self.writer.add_text(STOP_TAG, record["reason"], step)
+            self.writer.flush()
+            return
         optional = [key for key in OPTIONAL_SCALARS if key in record]
         for key in [*SCALARS[record["kind"]], *optional]:
             self.writer.add_scalar(f"{record['kind']}/{key}", record[key], step)

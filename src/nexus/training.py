@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ from nexus.generation import generate
 from nexus.model import NexusLM
 from nexus.schedule import lr_at
 from nexus.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from nexus.verdict import Verdict, decide, format_log
+
+if TYPE_CHECKING:
+    from nexus.forecast import Forecast
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -273,6 +277,9 @@ class Trainer:
         )
         self.bar: Any = None
         self.tensorboard: TensorBoardLog | None = None
+        # Made at each eval on rank 0 from the records so far; the report reuses the forecast.
+        self.forecast: Forecast | None = None
+        self.verdict: Verdict | None = None
         self.device = pick_device(config.device)
         if dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
@@ -418,7 +425,8 @@ class Trainer:
         """Drop records of steps the resumed run will redo, so each step appears once."""
         path = self.out_dir / METRICS_FILE
         if path.exists():
-            kept = [r for r in read_records(path) if r["step"] <= after]
+            # An early stop's record goes too: the resumed run is no longer stopped.
+            kept = [r for r in read_records(path) if r["step"] <= after and r.get("kind") != "stop"]
             self._write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _write_run_config(self) -> None:
@@ -441,7 +449,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Train to max_steps; returns the last eval record."""
+        """Train to max_steps, or to an early stop under `early_stop`; returns the last eval
+        record, with "stopped_early" (the reason) added when the run stopped early."""
         config = self.config
         torch.set_flush_denormal(True)  # decays underflow to subnormals, 10x slower on x86
         self.model.train()
@@ -492,6 +501,11 @@ class Trainer:
                         last_eval = self._evaluate(step, lr)
                         self._checkpoint(step, last_eval)
                     self.dist.barrier()
+                    # Rank 0 decides; the all-reduce tells the other ranks, so all stop together.
+                    stops = self.verdict is not None and self.verdict.action == "stop"
+                    if config.early_stop and self.dist.any(stops, self.device):
+                        last_eval = self._stop_early(step, last_eval)
+                        break
                 # Every rank stops after the same step (torchrun signals them all, not at once).
                 if self.dist.any(stop.requested, self.device):
                     self._stop_cleanly(step, stop.signal_name or "SIGTERM")
@@ -604,12 +618,44 @@ class Trainer:
             "tokens_seen": step * config.tokens_per_step,
         }
         self._append_metrics(record)
+        self.verdict = self._decide()
+        verdict = f"\n  {format_log(self.verdict)}" if self.verdict is not None else ""
         self._log(
             f"step {step}: train loss {train_loss:.4f} (ppl {record['train_ppl']:.2f}), "
             f"val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f}), lr {lr:.3e}\n"
-            f"  sample: {record['sample'][:120]!r}"
+            f"  sample: {record['sample'][:120]!r}{verdict}"
         )
         return record
+
+    def _decide(self) -> Verdict | None:
+        """The keep-or-stop verdict on the records so far. Like the report it is a by-product:
+        when it fails the run goes on (and cannot stop early) with a warning."""
+        self.forecast = None
+        try:
+            from nexus.report import FORECAST_FAILED, forecast_or_failure, load_run
+
+            run = load_run(self.out_dir)
+            self.forecast = forecast_or_failure(run)
+            if self.forecast.status == FORECAST_FAILED:
+                self._log(f"warning: {self.forecast.message}; the verdict goes on without it")
+            return decide(run, self.forecast)
+        except Exception as error:
+            self._log(f"warning: no keep-or-stop verdict ({type(error).__name__}: {error})")
+            return None
+
+    def _stop_early(self, step: int, eval_record: dict[str, Any]) -> dict[str, Any]:
+        """End the run at this eval as the verdict says: save the step (unless the eval's
+        checkpoint already did), record and log why, rewrite the report."""
+        reason = self.verdict.reason if self.verdict is not None else "rank 0 decided (see its log)"
+        path = checkpoint_path(self.out_dir, step)
+        if self.dist.is_main:
+            if not path.exists():
+                self._save(path, eval_record)
+            self._append_metrics({"kind": "stop", "step": step, "reason": reason})
+            self._log(f"early stop after step {step}: {reason}; saved {path}")
+            self._write_report()
+        self.dist.barrier()
+        return {**eval_record, "stopped_early": reason}
 
     def _checkpoint(self, step: int, eval_record: dict[str, Any]) -> None:
         is_best = math.isfinite(eval_record["val_loss"]) and (
@@ -717,7 +763,7 @@ class Trainer:
         try:
             from nexus.report import write_report
 
-            write_report(self.out_dir)
+            write_report(self.out_dir, forecast=self.forecast)
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             self._log(f"warning: TRAINING_PROGRESS.md not updated ({reason})")
@@ -763,5 +809,5 @@ class Trainer:
 def train(
     config: TrainConfig, *, resume: str | Path | bool = False, force: bool = False
 ) -> dict[str, Any]:
-    """Train a run as configured; returns the last eval record."""
+    """Train a run as configured; returns the last eval record (see Trainer.run)."""
     return Trainer(config, resume=resume, force=force).run()
