@@ -23,7 +23,7 @@ from nexus.training import Trainer, model_from_checkpoint
 from nexus.verdict import decide, format_log, report_lines, seconds_per_step
 
 SECONDS_PER_STEP = 1.7
-NO_FORECAST = SimpleNamespace(status="too_few", message="too few points", steps=())
+NO_FORECAST = SimpleNamespace(status="too_early", message="too early to forecast", steps=())
 
 
 def make_run(
@@ -132,9 +132,9 @@ def test_time_cost_is_the_remaining_steps_times_the_seconds_per_step(tmp_path: P
     remaining = 2000 - 100 * len(FALLING)
     assert verdict.seconds_left == pytest.approx(remaining * SECONDS_PER_STEP)
     assert seconds_per_step(run.train_logs) == pytest.approx(SECONDS_PER_STEP)
-    assert format_log(verdict) == "keep: no forecast (too_few), 42m 30s left"  # 1500 × 1.7 s
+    assert format_log(verdict) == "keep: no forecast (too_early), 42m 30s left"  # 1500 × 1.7 s
     lines = report_lines(verdict)
-    assert "- **Expected gain**: unknown, no forecast: too few points" in lines
+    assert "- **Expected gain**: unknown, no forecast: too early to forecast" in lines
     assert "- **Time it costs**: about 42m 30s for the remaining 1,500 steps" in lines[2]
 
 

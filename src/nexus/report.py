@@ -18,9 +18,18 @@ import numpy as np
 
 from nexus.config import ModelConfig, TrainConfig
 from nexus.errors import NexusError
-from nexus.forecast import Forecast, ScheduleAreas, backtest_curve, forecast_val_loss
+from nexus.forecast import (
+    MEASURED_COVERAGE,
+    PERCENT,
+    Backtest,
+    Forecast,
+    Schedule,
+    forecast_val_loss,
+)
+from nexus.forecast import backtest as backtest_records
 from nexus.forecast import format_backtest as format_backtest
 from nexus.schedule import lr_at
+from nexus.verdict import decide, report_lines
 
 REPORT_NAME = "TRAINING_PROGRESS.md"
 PLOT_NAME = "training_progress.png"
@@ -33,6 +42,7 @@ CHART_HEIGHT = 10
 CHART_MAX_COLUMNS = 20
 SAMPLE_CHARS = 80
 SAMPLES_SHOWN = 5
+FORECAST_FAILED = "failed"  # the status of a forecast that raised instead of answering
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Run:
     skipped_lines: int  # unreadable metrics lines, e.g. a truncated last line
     checkpoints: tuple[Checkpoint, ...]
     dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
+    stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
 
     @property
     def last_step(self) -> int:
@@ -112,7 +123,7 @@ def load_run(run_dir: Path) -> Run:
     config = _read_config(run_dir / "config.json")
     train = TrainConfig.from_dict(config["train"])
     model = ModelConfig.from_dict(config["model"]) if "model" in config else train.model_config()
-    evals, train_logs, skipped = _read_metrics(run_dir / "metrics.jsonl")
+    evals, train_logs, stopped, skipped = _read_metrics(run_dir / "metrics.jsonl")
     dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
     parameters = config.get("parameters")
     return Run(
@@ -126,6 +137,7 @@ def load_run(run_dir: Path) -> Run:
         skipped_lines=skipped,
         checkpoints=_read_checkpoints(run_dir),
         dataset_words=_dataset_words(dataset.get("path")),
+        stopped=stopped,
     )
 
 
@@ -146,9 +158,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_metrics(path: Path) -> tuple[tuple[EvalRecord, ...], tuple[TrainRecord, ...], int]:
+def _read_metrics(
+    path: Path,
+) -> tuple[tuple[EvalRecord, ...], tuple[TrainRecord, ...], tuple[int, str] | None, int]:
+    """The evals and train logs by step, the early stop (step, reason) if any, and the
+    number of unreadable lines."""
     evals: dict[int, EvalRecord] = {}
     logs: dict[int, TrainRecord] = {}
+    stopped: tuple[int, str] | None = None
     skipped = 0
     lines = (
         path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
@@ -168,9 +185,13 @@ def _read_metrics(path: Path) -> tuple[tuple[EvalRecord, ...], tuple[TrainRecord
             evals[step] = _eval_record(step, record)  # after a resume the later record wins
         elif record.get("kind") == "train":
             logs[step] = _train_record(step, record)
+        elif record.get("kind") == "stop":
+            reason = record.get("reason")
+            stopped = (step, reason if isinstance(reason, str) else "no reason recorded")
         else:
             skipped += 1
-    return tuple(evals[s] for s in sorted(evals)), tuple(logs[s] for s in sorted(logs)), skipped
+    ordered_evals = tuple(evals[s] for s in sorted(evals))
+    return ordered_evals, tuple(logs[s] for s in sorted(logs)), stopped, skipped
 
 
 def _number(record: dict[str, Any], key: str) -> float:
@@ -242,17 +263,29 @@ def _dataset_words(path: Any) -> frozenset[str]:
 # ---------------------------------------------------------------------------- the report
 
 
-def write_report(run_dir: Path) -> Path:
-    """Rewrite TRAINING_PROGRESS.md and training_progress.png in `run_dir`; return the md path."""
+def write_report(run_dir: Path, forecast: Forecast | None = None) -> Path:
+    """Rewrite TRAINING_PROGRESS.md and training_progress.png in `run_dir`; return the md path.
+    `forecast`, when given, is run_forecast's answer for the evals the run holds now (the trainer
+    has just made it for its verdict, and a forecast takes a second or so)."""
     from nexus.plot import plot_progress  # matplotlib loads only when a report is written
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    forecast = run_forecast(run)
+    forecast = forecast_or_failure(run) if forecast is None else forecast
     path = run_dir / REPORT_NAME
     _write_atomically(path, render_report(run, forecast).encode("utf-8"))
     _write_atomically(run_dir / PLOT_NAME, plot_progress(run, forecast))
     return path
+
+
+def forecast_or_failure(run: Run) -> Forecast:
+    """run_forecast's answer, or a forecast of status FORECAST_FAILED that says why it raised:
+    a fit that breaks on some records must not cost the rest of the page, nor the verdict."""
+    try:
+        return run_forecast(run)
+    except Exception as error:
+        reason = f"the forecast failed ({type(error).__name__}: {error})"
+        return Forecast(status=FORECAST_FAILED, message=reason, used_steps=(), ignored_steps=())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -266,23 +299,27 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def run_forecast(run: Run, areas: ScheduleAreas | None = None) -> Forecast:
+def run_forecast(run: Run, schedule: Schedule | None = None) -> Forecast:
     """The forecast of the val loss at the eval steps still to come."""
-    evals = run.evals
-    last_eval = evals[-1].step if evals else 0
-    future = [s for s in run.eval_steps() if s > last_eval and s <= run.train.max_steps]
-    steps, losses = [r.step for r in evals], [r.val_loss for r in evals]
-    train_losses = [r.train_loss for r in evals]
-    return forecast_val_loss(steps, losses, run.train, future, areas, train_losses=train_losses)
+    last_eval = run.evals[-1].step if run.evals else 0
+    future = [s for s in run.eval_steps() if last_eval < s <= run.train.max_steps]
+    return forecast_val_loss(
+        [r.step for r in run.train_logs], [r.loss for r in run.train_logs],
+        [r.step for r in run.evals], [r.val_loss for r in run.evals],
+        run.train, future, schedule,
+    )  # fmt: skip
 
 
-def backtest(run_dir: Path, cutoff_step: int | None = None) -> dict:
-    """Forecast the run's last recorded val loss from the evals up to `cutoff_step` (default:
-    half of max_steps) and compare with what it reached, beside the naive forecasts."""
+def backtest(run_dir: Path, cutoff_step: int | None = None) -> Backtest:
+    """Forecast the run's val loss at its last step from the records up to `cutoff_step`
+    (default: half of max_steps) alone, beside what the run reached there."""
     run = load_run(Path(run_dir))
-    steps, losses = [r.step for r in run.evals], [r.val_loss for r in run.evals]
-    train_losses = [r.train_loss for r in run.evals]
-    return backtest_curve(steps, losses, run.train, cutoff_step, train_losses=train_losses)
+    cutoff = run.train.max_steps // 2 if cutoff_step is None else cutoff_step
+    return backtest_records(
+        [r.step for r in run.train_logs], [r.loss for r in run.train_logs],
+        [r.step for r in run.evals], [r.val_loss for r in run.evals],
+        run.train, cutoff,
+    )  # fmt: skip
 
 
 def render_report(run: Run, forecast: Forecast) -> str:
@@ -299,6 +336,7 @@ def render_report(run: Run, forecast: Forecast) -> str:
         _observations(run, forecast),
         rule,
         _predictions(run, forecast),
+        _keep_or_stop(run, forecast),
         rule,
         _checkpoints(run),
         rule,
@@ -308,13 +346,16 @@ def render_report(run: Run, forecast: Forecast) -> str:
 
 
 def _title(run: Run) -> str:
+    stopped = "stopped early at " if run.stopped is not None else ""
     lines = [
         "# Nexus Training Progress",
         "",
-        f"Run `{run.name}`: step {run.last_step:,} of {run.train.max_steps:,} "
+        f"Run `{run.name}`: {stopped}step {run.last_step:,} of {run.train.max_steps:,} "
         f"({100 * run.last_step / run.train.max_steps:.0f} %), {len(run.evals)} eval"
         f"{'' if len(run.evals) == 1 else 's'} recorded.",
     ]
+    if run.stopped is not None:
+        lines.append(f"`--early_stop` ended it at step {run.stopped[0]:,}: {run.stopped[1]}.")
     if run.skipped_lines:
         lines.append(
             f"{run.skipped_lines} unreadable line{'s' if run.skipped_lines > 1 else ''} in "
@@ -618,8 +659,8 @@ def _predictions(run: Run, forecast: Forecast) -> str:
     lines = [
         title,
         "",
-        "| Step | Predicted Val Loss | Interval | Predicted Val PPL |",
-        "|------|--------------------|----------|-------------------|",
+        f"| Step | Predicted Val Loss | {PERCENT} Interval | Predicted Val PPL |",
+        "|------|--------------------|---------------|-------------------|",
     ]
     for step, value, low, high in zip(
         forecast.steps, forecast.predicted, forecast.lower, forecast.upper, strict=True
@@ -634,14 +675,19 @@ def _predictions(run: Run, forecast: Forecast) -> str:
         f"{math.exp(final):.2f} ({_percent(math.exp(last.val_loss), math.exp(final))}) "
         f"from step {last.step} to step {final_step}.",
         "",
-        f"Model: {forecast.model_note}, {forecast.message}. The val curve's "
-        f"LR-annealing fit (Tissue et al. 2024) is `{forecast.fit.formula()}` (RMSE "
-        f"{forecast.fit.rmse:.4f}), where S1 is the area under the LR schedule in steps at the "
-        "peak LR and S2 the annealing area, the LR drops summed with momentum.",
+        f"Interval: {PERCENT} probability; {MEASURED_COVERAGE} (docs/forecast.md).",
         "",
-        f"Interval: {forecast.interval_note}.",
+        f"Model: {forecast.message}: the train-loss curve of the LR-annealing law (Tissue et "
+        "al. 2024) in the LR area S1 and the lagged LR drop D, and val moving with it; the "
+        f"central variant is `{forecast.central.formula()}`.",
     ]
     return "\n".join(lines) + ignored
+
+
+def _keep_or_stop(run: Run, forecast: Forecast) -> str:
+    """The verdict at the latest eval: expected gain of the remaining steps, their time, val
+    against its best, and the early stop (nexus.verdict decides)."""
+    return "\n".join(["### Keep or Stop", "", *report_lines(decide(run, forecast), run.stopped)])
 
 
 def _checkpoints(run: Run) -> str:

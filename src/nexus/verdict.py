@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
+from nexus.forecast import PERCENT
+
 if TYPE_CHECKING:  # the report renders verdicts, so this module imports it for types only
     from nexus.forecast import Forecast
     from nexus.report import Run, TrainRecord
 
-INTERVAL = "80 %"  # the forecast's interval is a calibrated central 80 % one
 RECENT_LOGS = 10  # train logs whose step times give the seconds per step
 
 
@@ -102,7 +103,7 @@ def decide(
         return Verdict("stop", reason, **common)
     if interval is not None and interval[1] < min_gain:
         reason = (
-            f"even the optimistic end of the forecast's {INTERVAL} interval gains only "
+            f"even the optimistic end of the forecast's {PERCENT} interval gains only "
             f"{interval[1]:.4f} nats by step {final_step}, below early_stop_min_gain {min_gain:g}"
         )
         return Verdict("stop", reason, **common)
@@ -160,7 +161,7 @@ def format_log(verdict: Verdict) -> str:
         low, high = verdict.gain_interval
         parts = [
             f"{verdict.gain:+.4f} nats expected by step {verdict.final_step} "
-            f"({INTERVAL} {low:.4f}–{high:.4f})"
+            f"({PERCENT} {low:.4f}–{high:.4f})"
         ]
         if verdict.action == "stop":
             parts.append(f"under the {verdict.min_gain:g} threshold")
@@ -200,7 +201,7 @@ def report_lines(verdict: Verdict, stopped: tuple[int, str] | None = None) -> li
         low, high = verdict.gain_interval
         lines.append(
             f"- **Expected gain** by step {verdict.final_step}: {verdict.gain:+.4f} nats of val "
-            f"loss ({INTERVAL} interval {low:+.4f} to {high:+.4f})"
+            f"loss ({PERCENT} interval {low:+.4f} to {high:+.4f})"
         )
     elif verdict.remaining_steps > 0:
         lines.append(f"- **Expected gain**: unknown, no forecast: {verdict.no_forecast}")
