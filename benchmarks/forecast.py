@@ -131,7 +131,8 @@ def domhan_ensemble(run: Run, cutoff: int, schedule: Schedule) -> Prediction | N
             (curve(np.array(target), *(params + step)) - final) / 1e-6
             for step in np.eye(len(params)) * 1e-6
         ])  # fmt: skip
-        variance = float(gradient @ covariance @ gradient)
+        with np.errstate(invalid="ignore"):  # an infinite covariance times a zero slope
+            variance = float(gradient @ covariance @ gradient)
         if not math.isfinite(variance):
             continue  # the data leave a parameter free: the family says nothing yet
         members.append((float(final), squared, len(start), variance))

@@ -99,19 +99,22 @@ def held_out_backtests(fraction: float) -> list:
     return results
 
 
-# Measured on the 31 held-out runs (docs/forecast.md); the bounds leave a margin for a change
-# of platform in the last digits, not for a worse forecast.
+# Measured on the 32 held-out runs (docs/forecast.md: 0.150, 0.106, 0.037, 0.021 nats; 86, 78,
+# 84, 78 % inside; 21, 32, 32, 32 forecasts). The bounds add a margin for another platform's
+# last digits and one run more or less inside (coverage never outside the goal's 73–87 % by
+# more than one run), not room for a worse forecast.
 HELD_OUT_BOUNDS = {  # fraction: (mean absolute error, coverage low, coverage high, forecasts)
-    0.3: (0.13, 0.65, 0.95, 25),
-    0.5: (0.065, 0.65, 0.95, 31),
-    0.7: (0.035, 0.65, 0.95, 31),
+    0.2: (0.165, 0.73, 0.91, 20),
+    0.3: (0.115, 0.73, 0.88, 31),
+    0.5: (0.042, 0.73, 0.88, 32),
+    0.7: (0.024, 0.73, 0.88, 32),
 }
 
 
 @pytest.mark.parametrize("fraction", sorted(HELD_OUT_BOUNDS))
 def test_held_out_runs_error_and_coverage(fraction):
     results = held_out_backtests(fraction)
-    assert len(results) >= 30
+    assert len(results) == 32
     made = [r for r in results if r.forecast.status == "ok"]
     errors = [abs(r.error) for r in made]
     coverage = np.mean([r.inside for r in made])

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--backtest",
         action="store_true",
-        help="forecast the final val loss from the first half of the evals and score it",
+        help="forecast the final val loss from the first half of the run's records; score it",
     )
     output.add_argument(
         "--csv",

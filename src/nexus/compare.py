@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter
 
-from nexus.forecast import Forecast
+from nexus.forecast import PERCENT, Forecast
 from nexus.report import Run, load_run, run_forecast
 
 COMPARISON_NAME = "COMPARISON.md"
@@ -225,7 +225,7 @@ def plot_comparison(runs: Sequence[ComparedRun]) -> bytes:
         Line2D([], [], color="tab:gray", ls="-", label="val loss"),
         Line2D([], [], color="tab:gray", ls="--", label="train loss (eval)"),
         Line2D([], [], color="tab:gray", ls=":", label="val forecast"),
-        Patch(color="tab:gray", alpha=0.18, label="forecast interval"),
+        Patch(color="tab:gray", alpha=0.18, label=f"forecast {PERCENT} interval"),
     ]
     by_step.legend(runs_legend, [c.label for c in runs], loc="upper right", fontsize=9)
     by_tokens.legend(handles=styles, loc="upper right", fontsize=9)

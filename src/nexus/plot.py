@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nexus.forecast import PERCENT
 from nexus.schedule import lr_at
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ def _draw_forecast(axis, run: Run, forecast: Forecast) -> None:
     last = run.finite_evals[-1]
     steps = [last.step, *forecast.steps]
     axis.fill_between(steps, [last.val_loss, *forecast.lower], [last.val_loss, *forecast.upper],
-                      color="tab:orange", alpha=0.18, label="forecast interval")  # fmt: skip
+                      color="tab:orange", alpha=0.18,
+                      label=f"forecast, {PERCENT} interval")  # fmt: skip
     axis.plot(steps, [last.val_loss, *forecast.predicted], "--", color="tab:orange")
     axis.plot(forecast.steps, forecast.predicted, "o", color="tab:orange", mfc="white", ms=4,
               label="val forecast")  # fmt: skip
