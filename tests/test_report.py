@@ -145,7 +145,7 @@ def test_the_full_report_has_every_section(tmp_path):
     assert "| Step | Predicted Val Loss | 80 % Interval | Predicted Val PPL |" in text
     assert "Expected final improvement" in text
     # one sentence says the probability and what the held-out runs measured
-    assert re.search(r"Interval: 80 % probability; on \d+ held-out runs it held", text)
+    assert re.search(r"Interval: 80 % probability; from .* of \d+ held-out runs it held", text)
     assert re.search(r"Model: \d+ curve variants fitted to 80 train-loss logs and 4 evals", text)
     assert text.rstrip().endswith("*Last updated: Step 800*")
 

@@ -6,10 +6,10 @@ The train loss, logged every few steps, is far denser than the evals, so the cur
 it: the LR-annealing law of Tissue et al. (2024), L = E + A·S1^(−α) − B·D(t), where S1 is the
 area under the LR schedule (in steps at the peak LR) and D the fraction of the peak LR that has
 been taken away so far, followed with a lag of ~1/(1−λ) steps. The annealing bonus B cannot be
-read from a run whose LR has not dropped yet, so it is a prior (the design runs' full curves fit
-B = 0.1–0.3 nats). Val loss falls slower than train loss as the model starts to memorise: the
-forecast moves val by c times the fitted train curve's change, c again a prior (0.6–0.9 on the
-design runs).
+read from a run whose LR has not dropped yet, so it is a prior: a share of what the run has
+learned so far (3–10 % on most design runs' full curves). Val loss falls slower than train loss
+as the model starts to memorise: the forecast moves val by c times the fitted train curve's
+change, c a prior (0.6–0.9 on the design runs) until the run's own evals show it.
 
 Every choice the records cannot settle (where the power law starts, the largest exponent, B,
 c) is kept as a set of variants; the prediction is their median and the interval their spread
@@ -55,9 +55,12 @@ ALPHA_CAPS = (0.5, 0.8, 1.5)  # largest exponent allowed; early on a steep fit f
 ANNEALING_BONUS = (0.02, 0.05)
 VAL_PER_TRAIN = (0.65, 0.85)  # c, val loss change per unit of train loss change
 ALPHA_GRID = np.geomspace(0.05, 2.0, 40)
+# From OWN_SLOPE_EVALS evals on, c is the run's own slope of val against the train curve, kept
+# in OWN_SLOPE_RANGE and shrunk toward the prior as if the prior were OWN_SLOPE_PRIOR_EVALS evals.
 OWN_SLOPE_EVALS = 3
 OWN_SLOPE_PRIOR_EVALS = 3
 OWN_SLOPE_RANGE = (0.3, 1.0)
+LEVEL_LOGS = 3  # the latest train logs that say where the train loss is now
 MIN_TRAIN_LOGS = 5
 MIN_EVALS = 2
 OFFSET_EVALS = 3  # the latest evals that place the val curve against the train curve
@@ -165,12 +168,13 @@ def forecast_val_loss(
     schedule = schedule or Schedule.of(config, max(future[-1], seen))
     variants = _variants(logs, evals, config, schedule)
     if not variants:
-        after = sum(1 for s, _ in logs if s > config.warmup_steps)
+        start = _fit_start(FIT_STARTS[0], seen, config)
+        after = sum(1 for s, _ in logs if s >= start)
         return Forecast(
             "too_early",
-            f"too early to forecast: {after} train-loss log{'' if after == 1 else 's'} after "
-            f"the warmup, the curve fit needs {MIN_TRAIN_LOGS} beyond a quarter of the steps "
-            "seen",
+            f"too early to forecast: {after} train-loss log{'' if after == 1 else 's'} from "
+            f"step {start} (past the warmup and the first {100 * FIT_STARTS[0]:.0f} % of the steps "
+            f"seen); the curve fit needs {MIN_TRAIN_LOGS}",
             **common,
         )
     steps = np.asarray(future)
@@ -215,10 +219,10 @@ def _variants(
 ) -> list[Variant]:
     seen = max(logs[-1][0] if logs else 0, evals[-1][0])
     uniform = math.log(config.model_config().vocab_size)
-    learned = max(uniform - float(np.mean([v for _, v in logs[-OFFSET_EVALS:]] or [uniform])), 0)
+    learned = max(uniform - float(np.mean([v for _, v in logs[-LEVEL_LOGS:]] or [uniform])), 0)
     variants = []
     for start_fraction in FIT_STARTS:
-        start = max(config.warmup_steps + 1, int(start_fraction * seen))
+        start = _fit_start(start_fraction, seen, config)
         fitted = [(s, v) for s, v in logs if s >= start]
         if len(fitted) < MIN_TRAIN_LOGS:
             continue
@@ -240,6 +244,11 @@ def _variants(
                     offset = float(np.mean(eval_values - c * train_at_evals))
                     variants.append(replace(curve, val_per_train=c, offset=offset))
     return variants
+
+
+def _fit_start(fraction: float, seen: int, config: TrainConfig) -> int:
+    """The first step of the power-law fit: past the warmup and `fraction` of the steps seen."""
+    return max(config.warmup_steps + 1, int(fraction * seen))
 
 
 def _val_per_train(

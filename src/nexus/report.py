@@ -29,7 +29,7 @@ from nexus.forecast import (
 from nexus.forecast import backtest as backtest_records
 from nexus.forecast import format_backtest as format_backtest
 from nexus.schedule import lr_at
-from nexus.verdict import decide, report_lines
+from nexus.verdict import decide, format_duration, report_lines
 
 REPORT_NAME = "TRAINING_PROGRESS.md"
 PLOT_NAME = "training_progress.png"
@@ -638,11 +638,11 @@ def _throughput(run: Run) -> list[str]:
     lines = [f"- **Speed**: {rate:,.0f} tokens/s (median of the last {min(10, len(logs))} logs)"]
     elapsed = run.train_logs[-1].elapsed_s
     if math.isfinite(elapsed):
-        lines.append(f"- **Elapsed**: {_duration(elapsed)} at step {run.train_logs[-1].step}")
+        lines.append(f"- **Elapsed**: {format_duration(elapsed)} at step {run.train_logs[-1].step}")
     remaining = run.train.max_steps - run.last_step
     if remaining > 0:
         left = remaining * run.train.tokens_per_step / rate
-        lines.append(f"- **Remaining**: about {_duration(left)} for {remaining:,} steps")
+        lines.append(f"- **Remaining**: about {format_duration(left)} for {remaining:,} steps")
     return lines
 
 
@@ -759,13 +759,6 @@ def _change(first: float, last: float, first_step: int, last_step: int) -> str:
 
 def _percent(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.1f} %" if before else "n/a"
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def _size(size: int) -> str:
