@@ -133,3 +133,21 @@ def test_yaml_file_and_malformed_files(tmp_path: Path) -> None:
     unknown.write_text("epochs = 3\n")
     with pytest.raises(NexusError, match="unknown key 'epochs'"):
         resolve_train_config(unknown)
+
+
+def test_a_short_run_fits_the_default_warmup_and_says_so() -> None:
+    notes: list[str] = []
+    quick = resolve_train_config(None, {"max_steps": 50}, notes=notes)
+    assert quick.warmup_steps == 5
+    assert notes == [
+        "warmup_steps 5: the default 100 would take more than a fifth of max_steps 50, so it is "
+        "a tenth of the run (pass --warmup_steps to choose)"
+    ]
+    kept: list[str] = []
+    assert resolve_train_config(None, {"max_steps": 500}, notes=kept).warmup_steps == 100
+    assert kept == []  # a fifth of the run: the default stays
+    with pytest.raises(NexusError, match="warmup_steps 100 exceeds max_steps 50"):
+        resolve_train_config(None, {"max_steps": 50, "warmup_steps": 100})
+    # a resumed run keeps the warmup it ran with
+    resumed = resolve_train_config(None, {}, base={"max_steps": 50, "warmup_steps": 40})
+    assert resumed.warmup_steps == 40

@@ -190,7 +190,10 @@ def run_train(args: argparse.Namespace) -> None:
         if name in {f.name for f in fields(TrainConfig)} and value is not None
     }
     base = resume_base_config(args) if args.resume else None
-    config = resolve_train_config(args.config, overrides, base=base)
+    notes: list[str] = []
+    config = resolve_train_config(args.config, overrides, base=base, notes=notes)
+    for note in notes:
+        print(note)
     from nexus.distributed import process_group  # after the checks above: torch is slow to import
     from nexus.training import Trainer
 

@@ -441,9 +441,11 @@ def resolve_train_config(
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> TrainConfig:
     """Defaults < the preset's training settings < base (a resumed run's own settings) < config
-    file < flags (given as a dict of the keys the user set)."""
+    file < flags (given as a dict of the keys the user set). A setting chosen for the user (a
+    warmup fitted to a short run) is explained by a line appended to `notes`."""
     merged: dict[str, Any] = dict(base or {})
     if file is not None:
         merged.update(load_config_file(file))
@@ -453,4 +455,24 @@ def resolve_train_config(
         else:
             merged[key] = value
     chosen = merged.get("preset", TrainConfig.preset)
-    return TrainConfig.from_dict({**PRESET_TRAINING.get(chosen, {}), **merged})
+    settings = {**PRESET_TRAINING.get(chosen, {}), **merged}
+    if "warmup_steps" not in merged:  # neither the user nor the resumed run chose it
+        default = settings.get("warmup_steps", TrainConfig.warmup_steps)
+        settings["warmup_steps"] = fitted_warmup(settings)
+        if settings["warmup_steps"] != default and notes is not None:
+            notes.append(
+                f"warmup_steps {settings['warmup_steps']}: the default {default} would take more "
+                f"than a fifth of max_steps {settings['max_steps']}, so it is a tenth of the run "
+                "(pass --warmup_steps to choose)"
+            )
+    return TrainConfig.from_dict(settings)
+
+
+def fitted_warmup(settings: dict[str, Any]) -> int:
+    """The default (or the preset's) warmup, or a tenth of the run when the default would take
+    more than a fifth of it: `--max_steps 50` gets a 5-step warmup instead of an error."""
+    default = settings.get("warmup_steps", TrainConfig.warmup_steps)
+    max_steps = settings.get("max_steps", TrainConfig.max_steps)
+    if not (_is_number(default) and _is_number(max_steps)) or default <= max_steps // 5:
+        return default
+    return max(1, int(max_steps) // 10)
