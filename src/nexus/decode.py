@@ -138,7 +138,7 @@ class Decoder:
         self.dims = dims
         self.max_len = max_len
         self.eps = np.float32(c.norm_eps)
-        self.min_arg, self.tiny = scan._ftz_args(torch.float32)
+        self.min_arg, self.tiny = scan.ftz_args(torch.float32)
         # Two state regions per layer: (conv window, SSM state) or (keys, values).
         sizes = []
         for kind in self.packed.kinds:
@@ -216,8 +216,8 @@ class Decoder:
 
 
 if scan.numba is not None:
-    _jit = scan._jit
-    _exp = scan._exp
+    _jit = scan.numba_jit
+    _exp = scan.kernel_exp
     _FASTMATH = {"contract", "reassoc"}  # no nnan/ninf: NaN and Inf still propagate
     _F0, _F1, _F20 = np.float32(0.0), np.float32(1.0), np.float32(20.0)
     _NEG_INF = np.float32(-np.inf)

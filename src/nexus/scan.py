@@ -149,7 +149,7 @@ def _scan_forward_op(
     batch, _, dim = xn.shape
     y = np.empty_like(xn)  # (B, T, D)
     h_last = np.empty((batch, dim, Atn.shape[0]), dtype=xn.dtype)  # (B, D, N)
-    min_arg, tiny = _ftz_args(x.dtype)
+    min_arg, tiny = ftz_args(x.dtype)
     use_numba_threads(torch.get_num_threads())  # torch's thread count governs numba's too
     _scan_fwd(xn, dtn, Atn, Bn, Cn, Dn, min_arg, tiny, _chunk_size(dim), y, h_last)
     return torch.from_numpy(y), torch.from_numpy(h_last)
@@ -186,7 +186,7 @@ def _scan_backward_op(
     # Bm/Cm gradients sum over d: each D-chunk writes its own partial, summed below.
     gB_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
     gC_parts = np.zeros((n_chunks, batch, steps, n), dtype=xn.dtype)
-    min_arg, tiny = _ftz_args(x.dtype)
+    min_arg, tiny = ftz_args(x.dtype)
     use_numba_threads(torch.get_num_threads())  # torch's thread count governs numba's too
     _scan_bwd(
         xn, dtn, Atn, Bn, Cn, Dn, gy, gh_last, min_arg, tiny, chunk,
@@ -225,7 +225,7 @@ def _chunk_size(dim: int) -> int:
     return -(-dim // _NUM_D_CHUNKS)
 
 
-def _ftz_args(dtype: torch.dtype) -> tuple[np.floating, np.floating]:
+def ftz_args(dtype: torch.dtype) -> tuple[np.floating, np.floating]:
     # Typed numpy scalars so the kernel compares in the tensor dtype, not float64.
     np_type = np.float32 if dtype == torch.float32 else np.float64
     min_arg, tiny = _FTZ[dtype]
@@ -237,7 +237,7 @@ def use_numba_threads(count: int) -> None:
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
 
 
-def _jit(**options):
+def numba_jit(**options):
     """numba.njit with on-disk caching when some cache location is writable, else without."""
 
     def decorate(fn):
@@ -249,7 +249,7 @@ def _jit(**options):
     return decorate
 
 
-def _exp(v):
+def kernel_exp(v):
     """exp for kernels: a vectorisable polynomial for float32, math.exp for float64."""
     return math.exp(v)
 
@@ -278,7 +278,7 @@ if numba is not None:
 
         return nb_types.float32(nb_types.float32), codegen
 
-    @overload(_exp, jit_options={"fastmath": {"contract"}})
+    @overload(kernel_exp, jit_options={"fastmath": {"contract"}})
     def _exp_overload(v):
         if isinstance(v, nb_types.Float) and v.bitwidth == 32:
 
@@ -299,7 +299,7 @@ if numba is not None:
     # buffers: an index like d0 + i would get numba's negative-index wraparound select, which
     # stops LLVM from vectorising. Rows are copied in and out once per time step.
 
-    @_jit(**_KERNEL_OPTIONS)
+    @numba_jit(**_KERNEL_OPTIONS)
     def _scan_fwd(x, dt, At, Bm, Cm, Dskip, min_arg, tiny, chunk, y, h_last):
         batch, steps, dim = x.shape
         n_state = At.shape[0]
@@ -330,7 +330,7 @@ if numba is not None:
                         c_n = Cm[b, t, n]
                         for i in range(lanes):
                             arg = dt_row[i] * a_blk[n, i]
-                            decay = _exp(arg) if arg >= min_arg else zero
+                            decay = kernel_exp(arg) if arg >= min_arg else zero
                             hv = decay * h[n, i] + dx_row[i] * b_n
                             hv = hv if abs(hv) >= tiny else zero
                             h[n, i] = hv
@@ -341,7 +341,7 @@ if numba is not None:
                     for i in range(lanes):
                         h_last[b, d0 + i, n] = h[n, i]
 
-    @_jit(**_KERNEL_OPTIONS)
+    @numba_jit(**_KERNEL_OPTIONS)
     def _scan_bwd(
         x, dt, At, Bm, Cm, Dskip, gy, gh_last, min_arg, tiny, chunk,
         gx, gdt, gAt, gB_parts, gC_parts, gD,
@@ -382,7 +382,7 @@ if numba is not None:
                             b_n = Bm[b, t, n]
                             for i in range(lanes):
                                 arg = dt_row[i] * a_blk[n, i]
-                                decay = _exp(arg) if arg >= min_arg else zero
+                                decay = kernel_exp(arg) if arg >= min_arg else zero
                                 hv = decay * hs[t, n, i] + dx_row[i] * b_n
                                 hs[t + 1, n, i] = hv if abs(hv) >= tiny else zero
                                 decays[t, n, i] = decay
