@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nexus.checkpoint import atomic_write_bytes, load_checkpoint, read_header, save_checkpoint
+from nexus.checkpoint import load_checkpoint, read_header, save_checkpoint
 from nexus.errors import NexusError
+from nexus.rundir import atomic_write
 
 
 def write_sample(path: Path) -> bytes:
@@ -67,13 +68,13 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "best.bin"
-    atomic_write_bytes(path, b"old contents")
+    atomic_write(path, b"old contents")
 
     def fail_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail_fsync)
     with pytest.raises(OSError, match="No space left"):
-        atomic_write_bytes(path, b"new contents that never land")
+        atomic_write(path, b"new contents that never land")
     assert path.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.bin"]

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import tiny_config
-from nexus.checkpoint import load_checkpoint
+from nexus.checkpoint import load_checkpoint, model_from_checkpoint
 from nexus.config import TrainConfig
 from nexus.errors import NexusError
 from nexus.report import load_run, render_report, run_forecast
-from nexus.training import Trainer, model_from_checkpoint
+from nexus.training import Trainer
 from nexus.verdict import decide, format_log, report_lines, seconds_per_step
 
 SECONDS_PER_STEP = 1.7

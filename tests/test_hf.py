@@ -18,14 +18,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import tiny_config
-from nexus.checkpoint import load_checkpoint, save_checkpoint
+from nexus.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    model_state_for_saving,
+    save_checkpoint,
+)
 from nexus.cli import main
 from nexus.config import ModelConfig, TrainConfig, preset
 from nexus.errors import NexusError
 from nexus.generation import generate
 from nexus.hf import export_to_hf, import_from_hf
 from nexus.model import NexusLM
-from nexus.training import Trainer, model_from_checkpoint, model_state_for_saving
+from nexus.training import Trainer
 
 TOLERANCE = 1e-4
 GREEDY_BYTES = 64

@@ -39,7 +39,8 @@ from conftest import tiny_config
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.config import TrainConfig
 from nexus.errors import NexusError
-from nexus.training import Trainer, read_records
+from nexus.rundir import RunDir
+from nexus.training import Trainer
 
 PYTHON = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -59,6 +60,10 @@ TINY_FLAGS = [part for key, value in TINY.items() for part in (f"--{key}", str(v
 LONG_STEPS = 10  # the run that is interrupted: a checkpoint at every eval, every 2 steps
 LONG_FLAGS = [*TINY_FLAGS, "--max_steps", str(LONG_STEPS), "--log_interval", "1"]
 KILLS = 20
+
+
+def read_records(metrics: Path) -> list[dict[str, Any]]:
+    return RunDir(metrics.parent).read_metrics()[0]
 
 
 def nexus(*args: str | Path | bytes, **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 from nexus.config import TrainConfig
 from nexus.errors import NexusError
 from nexus.report import (
-    PLOT_NAME,
     backtest,
     load_run,
     render_report,
@@ -21,6 +20,7 @@ from nexus.report import (
     val_loss_chart,
     write_report,
 )
+from nexus.rundir import PLOT_FILE
 
 REALISTIC = [(200, 1.78, 1.91), (400, 1.53, 1.72), (600, 1.47, 1.652), (800, 1.43, 1.611)]
 
@@ -230,9 +230,9 @@ def test_regeneration_is_byte_identical(tmp_path):
     run = make_run(tmp_path)
     save_checkpoint(run / "best.bin", 800)
     path = write_report(run)
-    first = path.read_bytes(), (run / PLOT_NAME).read_bytes()
+    first = path.read_bytes(), (run / PLOT_FILE).read_bytes()
     assert write_report(run) == path
-    assert (path.read_bytes(), (run / PLOT_NAME).read_bytes()) == first
+    assert (path.read_bytes(), (run / PLOT_FILE).read_bytes()) == first
     assert first[1].startswith(b"\x89PNG")
 
 

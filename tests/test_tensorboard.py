@@ -20,8 +20,9 @@ import nexus.training as training
 from conftest import tiny_config
 from nexus.cli import main
 from nexus.errors import TrainingInterrupted
-from nexus.tensorboard import SAMPLE_TAG, SCALARS, TENSORBOARD_DIR, sample_markdown
-from nexus.training import Trainer, read_records
+from nexus.rundir import TENSORBOARD_DIR, RunDir
+from nexus.tensorboard import SAMPLE_TAG, SCALARS, sample_markdown
+from nexus.training import Trainer
 
 OFF_LINE = "TensorBoard logging is off"
 
@@ -60,7 +61,7 @@ def as_float32(value: float) -> float:
 
 def assert_events_match_metrics(run_dir: Path) -> None:
     """Every scalar of every record in metrics.jsonl, at its step, and no other step."""
-    records = read_records(run_dir / "metrics.jsonl")
+    records, _ = RunDir(run_dir).read_metrics()
     for kind, keys in SCALARS.items():
         mine = [r for r in records if r["kind"] == kind]
         for key in keys:

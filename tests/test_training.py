@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from nexus.checkpoint import load_checkpoint, read_header
+from nexus.checkpoint import load_checkpoint, model_from_checkpoint, read_header
 from nexus.config import TrainConfig, preset
 from nexus.errors import NexusError
 from nexus.hf import export_to_hf, import_from_hf
@@ -26,7 +26,6 @@ from nexus.training import (
     COMPILE_MIN_MICRO_STEPS,
     Trainer,
     build_optimizer,
-    model_from_checkpoint,
     use_compile,
 )
 
@@ -173,7 +172,7 @@ def test_resume_with_a_different_model_is_refused(finished_run: Path, tmp_path: 
 KILL_DURING_WRITE = textwrap.dedent(
     """
     import os, signal, sys
-    import nexus.checkpoint as checkpoint
+    import nexus.rundir as rundir
     from conftest import tiny_config
     from nexus.training import Trainer
 
@@ -182,7 +181,7 @@ KILL_DURING_WRITE = textwrap.dedent(
         if str(dst).endswith("step_4.bin"):
             os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written, not yet renamed
         real_replace(src, dst)
-    checkpoint.os.replace = dying_replace
+    rundir.os.replace = dying_replace
     Trainer(tiny_config(sys.argv[1], sys.argv[2]), progress=False).run()
     """
 )

@@ -1,5 +1,6 @@
 """Checkpoints: safetensors files holding the model, the optimizer state and the run's
-metadata (config, step, metrics, RNG), written atomically and verified by checksum on load.
+metadata (config, step, metrics, RNG), written atomically and verified by checksum on load;
+the metadata's schema; and the model a checkpoint holds, rebuilt for use.
 
 Opening a checkpoint never runs code: safetensors holds only tensors and a JSON header.
 """
@@ -8,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from nexus.config import ModelConfig, TrainConfig
 from nexus.errors import NexusError
+from nexus.model import NexusLM
+from nexus.rundir import atomic_write
 
 FORMAT = "nexus-checkpoint"
 FORMAT_VERSION = "1"
@@ -52,26 +54,35 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path`: a crash
-    at any instant leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run's files should be readable like any
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def checkpoint_meta(
+    *,
+    step: int,
+    train_config: TrainConfig,
+    model_config: ModelConfig,
+    optimizer_param_groups: list[dict[str, Any]],
+    metrics: dict[str, Any] | None = None,
+    best_val_loss: float | None = None,
+    best_step: int | None = None,
+    elapsed_s: float = 0.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata every checkpoint carries: what the trainer needs to resume exactly and
+    what `eval`, `sample` and the exports need to rebuild the model. `extra` adds keys such as
+    where an imported checkpoint came from."""
+    from nexus import __version__
+
+    return {
+        "step": step,
+        "train_config": train_config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "metrics": metrics or {},
+        "best_val_loss": best_val_loss,
+        "best_step": best_step,
+        "elapsed_s": elapsed_s,
+        "optimizer_param_groups": optimizer_param_groups,
+        "nexus_version": __version__,
+        **extra,
+    }
 
 
 def encode_checkpoint(
@@ -109,7 +120,7 @@ def save_checkpoint(
 ) -> bytes:
     """Write a checkpoint atomically; returns its bytes (so best.bin can be the same file)."""
     payload = encode_checkpoint(model_state, optimizer_tensors, meta, rng_state)
-    atomic_write_bytes(Path(path), payload)
+    atomic_write(Path(path), payload)
     return payload
 
 
@@ -188,3 +199,45 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     }
     model_state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     return Checkpoint(model_state, optimizer_tensors, rng_state, meta)
+
+
+def model_state_for_saving(model: NexusLM) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stores (a tied lm_head once, as the embedding)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as the embedding, as in Hugging Face
+    return state
+
+
+def model_from_checkpoint(
+    checkpoint: Checkpoint, device: torch.device | str = "cpu", expected: ModelConfig | None = None
+) -> NexusLM:
+    """Rebuild the model a checkpoint holds (checking it against `expected` when given)."""
+    config = ModelConfig.from_dict(checkpoint.meta["model_config"])
+    if expected is not None and config != expected:
+        differences = [
+            f"{key} {value!r} (checkpoint) vs {getattr(expected, key)!r}"
+            for key, value in config.to_dict().items()
+            if value != expected.to_dict()[key]
+        ]
+        raise NexusError(
+            "the checkpoint holds a different model config than the one asked for: "
+            + "; ".join(differences)
+            + ". Use the matching --preset, or start a new run in another --out_dir"
+        )
+    model = NexusLM(config)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes than the config gives
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise NexusError(
+            f"the checkpoint's weights do not fit its config ({reason}); it was not "
+            "written by this version of Nexus"
+        ) from None
+    allowed_missing = ["lm_head.weight"] if config.tie_embeddings else []
+    if unexpected or sorted(missing) != allowed_missing:
+        raise NexusError(
+            f"the checkpoint's weights do not fit its config (missing {missing}, unexpected "
+            f"{unexpected}); it was not written by this version of Nexus"
+        )
+    return model.to(device)

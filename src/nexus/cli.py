@@ -230,8 +230,8 @@ def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def load_model_for_use(path: str) -> tuple[Any, Any]:
-    from nexus.checkpoint import load_checkpoint
-    from nexus.training import model_from_checkpoint, pick_device
+    from nexus.checkpoint import load_checkpoint, model_from_checkpoint
+    from nexus.training import pick_device
 
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, pick_device("auto"))

@@ -23,6 +23,7 @@ from matplotlib.ticker import EngFormatter
 
 from nexus.forecast import PERCENT, Forecast
 from nexus.report import Run, load_run, run_forecast
+from nexus.rundir import atomic_write
 
 COMPARISON_NAME = "COMPARISON.md"
 COMPARISON_PLOT_NAME = "comparison.png"
@@ -39,15 +40,12 @@ class ComparedRun:
 
 def compare_runs(run_dirs: Sequence[Path], out_dir: Path = Path(".")) -> tuple[Path, Path]:
     """Write COMPARISON.md and comparison.png into `out_dir`; return their paths."""
-    # Imported here: it loads torch, which reading the records does not need.
-    from nexus.checkpoint import atomic_write_bytes
-
     runs = load_compared(run_dirs)
     out_dir = Path(out_dir)
     markdown, plot = out_dir / COMPARISON_NAME, out_dir / COMPARISON_PLOT_NAME
     # The figure first: the page links to it and should never point at a missing file.
-    atomic_write_bytes(plot, plot_comparison(runs))
-    atomic_write_bytes(markdown, render_comparison(runs).encode("utf-8"))
+    atomic_write(plot, plot_comparison(runs))
+    atomic_write(markdown, render_comparison(runs).encode("utf-8"))
     return markdown, plot
 
 

@@ -28,7 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nexus import __version__
-from nexus.checkpoint import load_checkpoint, save_checkpoint
+from nexus.checkpoint import (
+    checkpoint_meta,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_state_for_saving,
+    save_checkpoint,
+)
 from nexus.config import PRESETS, ModelConfig, TrainConfig
 from nexus.errors import NexusError
 
@@ -425,7 +431,6 @@ def export_to_hf(
     model.safetensors) that `JambaForCausalLM.from_pretrained` loads; returns the directory.
 
     The directory appears whole or not at all: it is written beside `out_dir` and renamed."""
-    from nexus.training import model_from_checkpoint, model_state_for_saving
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -511,7 +516,7 @@ def import_from_hf(
     `seq_len` (Nexus's training and eval window) defaults to the one a Nexus export recorded,
     else 128: Jamba itself has no positional limit."""
     from nexus.model import NexusLM
-    from nexus.training import build_optimizer, model_state_for_saving
+    from nexus.training import build_optimizer
 
     source = Path(hf_dir)
     target = Path(checkpoint_path)
@@ -558,20 +563,13 @@ def import_from_hf(
     )
     train_config = train_config_for(config, str(target.parent))
     optimizer = build_optimizer(model, train_config)
-    meta = {
-        "step": 0,
-        "train_config": train_config.to_dict(),
-        "model_config": config.to_dict(),
-        "metrics": {},
-        "best_val_loss": None,
-        "best_step": None,
-        "elapsed_s": 0.0,
-        "optimizer_param_groups": optimizer.state_dict()["param_groups"],
-        "scheduler": {"kind": "linear-warmup-cosine", "step": 0},
-        "data_position": {"seed": train_config.seed, "next_step": 1},
-        "nexus_version": __version__,
-        "imported_from": {"format": "huggingface-jamba", "path": str(source)},
-    }
+    meta = checkpoint_meta(
+        step=0,
+        train_config=train_config,
+        model_config=config,
+        optimizer_param_groups=optimizer.state_dict()["param_groups"],
+        imported_from={"format": "huggingface-jamba", "path": str(source)},
+    )
     try:
         save_checkpoint(target, model_state_for_saving(model), {}, meta)
     except OSError as error:

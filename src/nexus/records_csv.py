@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from nexus.errors import NexusError
+from nexus.rundir import RunDir, atomic_write
 
 COLUMNS = (
     "kind",
@@ -34,30 +33,10 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """The train and eval records of metrics.jsonl, sorted by step then kind. A step logged
     twice (a resumed run redoes the steps after its checkpoint) keeps the later record, as the
     report does; unreadable lines (a truncated last line) are left out."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NexusError(
-            f"run directory {str(run_dir)!r} does not exist; pass the out_dir of a training run"
-        )
-    if not (run_dir / "config.json").is_file():
-        raise NexusError(
-            f"no config.json in {str(run_dir)!r}: not a Nexus run directory "
-            "(the trainer writes config.json when a run starts)"
-        )
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []  # a run that has not logged a step yet
-    latest: dict[tuple[int, str], dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or record.get("kind") not in KINDS:
-            continue
-        step = record.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            latest[(step, record["kind"])] = record
+    run = RunDir.existing(run_dir)
+    run.read_config()  # not a run directory: say so, as the report does
+    records, _ = run.read_metrics()
+    latest = {(r["step"], r["kind"]): r for r in records if r.get("kind") in KINDS}
     return [latest[key] for key in sorted(latest)]
 
 
@@ -76,11 +55,8 @@ def records_csv(run_dir: Path) -> str:
 
 def write_records_csv(run_dir: Path, path: Path) -> Path:
     """Write the CSV to `path` atomically; return the path."""
-    # Imported here: printing the CSV to stdout should not wait for torch to load.
-    from nexus.checkpoint import atomic_write_bytes
-
     path = Path(path)
-    atomic_write_bytes(path, records_csv(run_dir).encode("utf-8"))
+    atomic_write(path, records_csv(run_dir).encode("utf-8"))
     return path
 
 

@@ -4,12 +4,8 @@ of the forecast on a run. Every number, verdict and sentence comes from the reco
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +24,10 @@ from nexus.forecast import (
 )
 from nexus.forecast import backtest as backtest_records
 from nexus.forecast import format_backtest as format_backtest
+from nexus.rundir import BEST_FILE, STOP_KIND, RunDir, atomic_write
 from nexus.schedule import lr_at
 from nexus.verdict import decide, format_duration, report_lines
 
-REPORT_NAME = "TRAINING_PROGRESS.md"
-PLOT_NAME = "training_progress.png"
 # Over-fitting verdict when val loss still falls: a gap above this that has also grown by more
 # than GAP_GROWTH_NATS since the first eval. A steady gap is the train/val split's own difference.
 GAP_NATS = 0.10
@@ -68,7 +63,7 @@ class TrainRecord:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class CheckpointFile:
     name: str
     size_bytes: int
     step: int | None  # from the file name (step_N.bin) or, for best.bin, from its header
@@ -86,7 +81,7 @@ class Run:
     evals: tuple[EvalRecord, ...]  # one per step, the latest record winning, by step
     train_logs: tuple[TrainRecord, ...]
     skipped_lines: int  # unreadable metrics lines, e.g. a truncated last line
-    checkpoints: tuple[Checkpoint, ...]
+    checkpoints: tuple[CheckpointFile, ...]
     dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
     stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
 
@@ -115,83 +110,51 @@ class Run:
 
 def load_run(run_dir: Path) -> Run:
     """Read a run directory; a NexusError says what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NexusError(
-            f"run directory {str(run_dir)!r} does not exist; pass the out_dir of a training run"
-        )
-    config = _read_config(run_dir / "config.json")
+    directory = RunDir.existing(run_dir)
+    config = directory.read_config()
     train = TrainConfig.from_dict(config["train"])
     model = ModelConfig.from_dict(config["model"]) if "model" in config else train.model_config()
-    evals, train_logs, stopped, skipped = _read_metrics(run_dir / "metrics.jsonl")
+    records, skipped = directory.read_metrics()
+    evals, train_logs, stopped, unknown = _sort_records(records)
     dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
     parameters = config.get("parameters")
     return Run(
-        name=run_dir.resolve().name,
+        name=directory.path.resolve().name,
         train=train,
         model=model,
         parameters=parameters if isinstance(parameters, int) else None,
         dataset=dataset,
         evals=evals,
         train_logs=train_logs,
-        skipped_lines=skipped,
-        checkpoints=_read_checkpoints(run_dir),
+        skipped_lines=skipped + unknown,
+        checkpoints=_checkpoint_files(directory),
         dataset_words=_dataset_words(dataset.get("path")),
         stopped=stopped,
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise NexusError(
-            f"no config.json in {str(path.parent)!r}: not a Nexus run directory "
-            "(the trainer writes config.json when a run starts)"
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NexusError(
-            f"{str(path)!r} is not valid JSON ({error}); rerun or restore it"
-        ) from None
-    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
-        raise NexusError(f"{str(path)!r} has no 'train' table; it was not written by Nexus")
-    return config
-
-
-def _read_metrics(
-    path: Path,
+def _sort_records(
+    records: list[dict[str, Any]],
 ) -> tuple[tuple[EvalRecord, ...], tuple[TrainRecord, ...], tuple[int, str] | None, int]:
-    """The evals and train logs by step, the early stop (step, reason) if any, and the
-    number of unreadable lines."""
+    """The evals and train logs by step, the early stop (step, reason) if any, and the number
+    of records of no known kind."""
     evals: dict[int, EvalRecord] = {}
     logs: dict[int, TrainRecord] = {}
     stopped: tuple[int, str] | None = None
-    skipped = 0
-    lines = (
-        path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
-    )
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = record["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            skipped += 1
-            continue
-        if not isinstance(step, int) or isinstance(step, bool):
-            skipped += 1
-        elif record.get("kind") == "eval":
+    unknown = 0
+    for record in records:
+        step, kind = record["step"], record.get("kind")
+        if kind == "eval":
             evals[step] = _eval_record(step, record)  # after a resume the later record wins
-        elif record.get("kind") == "train":
+        elif kind == "train":
             logs[step] = _train_record(step, record)
-        elif record.get("kind") == "stop":
+        elif kind == STOP_KIND:
             reason = record.get("reason")
             stopped = (step, reason if isinstance(reason, str) else "no reason recorded")
         else:
-            skipped += 1
+            unknown += 1
     ordered_evals = tuple(evals[s] for s in sorted(evals))
-    return ordered_evals, tuple(logs[s] for s in sorted(logs)), stopped, skipped
+    return ordered_evals, tuple(logs[s] for s in sorted(logs)), stopped, unknown
 
 
 def _number(record: dict[str, Any], key: str) -> float:
@@ -225,31 +188,26 @@ def _train_record(step: int, record: dict[str, Any]) -> TrainRecord:
     )
 
 
-def _read_checkpoints(run_dir: Path) -> tuple[Checkpoint, ...]:
-    found = []
-    for path in run_dir.glob("*.bin"):
-        match = re.fullmatch(r"step_(\d+)\.bin", path.name)
-        if match:
-            step = int(match.group(1))
-        elif path.name == "best.bin":
-            step = checkpoint_step(path)
-        else:
-            continue
-        found.append(Checkpoint(path.name, path.stat().st_size, step))
-    # step_N files in step order, best.bin last
-    return tuple(sorted(found, key=lambda c: (c.name == "best.bin", c.step or 0, c.name)))
+def _checkpoint_files(run_dir: RunDir) -> tuple[CheckpointFile, ...]:
+    """The step_<N>.bin files in step order, then best.bin with the step its header names."""
+    found = [
+        CheckpointFile(path.name, path.stat().st_size, step)
+        for step in run_dir.checkpoint_steps()
+        if (path := run_dir.checkpoint(step)).is_file()
+    ]
+    if run_dir.best_file.is_file():
+        found.append(
+            CheckpointFile(BEST_FILE, run_dir.best_file.stat().st_size, _step_of(run_dir.best_file))
+        )
+    return tuple(found)
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The training step a safetensors checkpoint holds, from its header; None if unreadable."""
+def _step_of(path: Path) -> int | None:
+    from nexus.checkpoint import read_header  # torch loads only where a best.bin exists
+
     try:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            if length > 100_000_000:
-                return None
-            header = json.loads(file.read(length))
-        return int(header["__metadata__"]["step"])
-    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        return int(read_header(path)["step"])
+    except (NexusError, KeyError, ValueError):
         return None
 
 
@@ -272,9 +230,10 @@ def write_report(run_dir: Path, forecast: Forecast | None = None) -> Path:
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     forecast = forecast_or_failure(run) if forecast is None else forecast
-    path = run_dir / REPORT_NAME
-    _write_atomically(path, render_report(run, forecast).encode("utf-8"))
-    _write_atomically(run_dir / PLOT_NAME, plot_progress(run, forecast))
+    directory = RunDir(run_dir)
+    path = directory.report_file
+    atomic_write(path, render_report(run, forecast).encode("utf-8"))
+    atomic_write(directory.plot_file, plot_progress(run, forecast))
     return path
 
 
@@ -286,17 +245,6 @@ def forecast_or_failure(run: Run) -> Forecast:
     except Exception as error:
         reason = f"the forecast failed ({type(error).__name__}: {error})"
         return Forecast(status=FORECAST_FAILED, message=reason, used_steps=(), ignored_steps=())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def run_forecast(run: Run, schedule: Schedule | None = None) -> Forecast:
@@ -698,17 +646,17 @@ def _checkpoints(run: Run) -> str:
     lines = [title]
     for checkpoint in run.checkpoints:
         line = f"- `{checkpoint.name}` ({_size(checkpoint.size_bytes)})"
-        if checkpoint.name == "best.bin":
+        if checkpoint.name == BEST_FILE:
             line += _best_file_note(checkpoint, best)
         elif best is not None and checkpoint.step == best.step:
             line += f" ← current best (val loss {best.val_loss:.4f})"
         lines.append(line)
-    if not any(c.name == "best.bin" for c in run.checkpoints):
+    if not any(c.name == BEST_FILE for c in run.checkpoints):
         lines.append("- no `best.bin` yet")
     return "\n".join(lines)
 
 
-def _best_file_note(checkpoint: Checkpoint, best: EvalRecord | None) -> str:
+def _best_file_note(checkpoint: CheckpointFile, best: EvalRecord | None) -> str:
     if checkpoint.step is None:
         return " ← its header names no step (unreadable)"
     note = f" ← holds step {checkpoint.step}"

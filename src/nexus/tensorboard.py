@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TENSORBOARD_DIR = "tensorboard"
+from nexus.rundir import TENSORBOARD_DIR
+
 SCALARS = {
     "train": ("loss", "lr", "grad_norm", "tokens_per_s"),
     "eval": ("train_loss", "train_ppl", "val_loss", "val_ppl"),

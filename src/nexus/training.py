@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -23,8 +22,10 @@ from torch import Tensor
 from nexus import __version__
 from nexus.checkpoint import (
     Checkpoint,
-    atomic_write_bytes,
+    checkpoint_meta,
     load_checkpoint,
+    model_from_checkpoint,
+    model_state_for_saving,
     read_header,
     save_checkpoint,
 )
@@ -34,17 +35,14 @@ from nexus.distributed import SINGLE_PROCESS, DistContext
 from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
 from nexus.model import NexusLM
+from nexus.rundir import STOP_KIND, RunDir, atomic_write
 from nexus.schedule import lr_at
-from nexus.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from nexus.tensorboard import TensorBoardLog
 from nexus.verdict import Verdict, decide, format_log
 
 if TYPE_CHECKING:
     from nexus.forecast import Forecast
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-BEST_FILE = "best.bin"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, BEST_FILE, "TRAINING_PROGRESS.md", "training_progress.png")
 SAMPLE_TEMPERATURE = 0.8
 ADAM_BETAS = (0.9, 0.95)
 # compile = "auto" compiles the training forward/backward of runs of at least this many
@@ -59,19 +57,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def checkpoint_path(out_dir: Path, step: int) -> Path:
-    return out_dir / f"step_{step}.bin"
-
-
-def checkpoint_steps(out_dir: Path) -> list[int]:
-    steps = []
-    for path in out_dir.glob("step_*.bin"):
-        suffix = path.stem.removeprefix("step_")
-        if suffix.isdigit():
-            steps.append(int(suffix))
-    return sorted(steps)
 
 
 def build_optimizer(model: NexusLM, config: TrainConfig) -> torch.optim.AdamW:
@@ -91,13 +76,6 @@ def build_optimizer(model: NexusLM, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS, eps=1e-8, fused=True)
 
 
-def model_state_for_saving(model: NexusLM) -> dict[str, Tensor]:
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as the embedding, as in Hugging Face
-    return state
-
-
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     state = optimizer.state_dict()["state"]
     return {
@@ -113,40 +91,6 @@ def restore_optimizer(
         index, slot = key.split(".", 1)
         state.setdefault(int(index), {})[slot] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def model_from_checkpoint(
-    checkpoint: Checkpoint, device: torch.device | str = "cpu", expected: ModelConfig | None = None
-) -> NexusLM:
-    """Rebuild the model a checkpoint holds (checking it against `expected` when given)."""
-    config = ModelConfig.from_dict(checkpoint.meta["model_config"])
-    if expected is not None and config != expected:
-        differences = [
-            f"{key} {value!r} (checkpoint) vs {getattr(expected, key)!r}"
-            for key, value in config.to_dict().items()
-            if value != expected.to_dict()[key]
-        ]
-        raise NexusError(
-            "the checkpoint holds a different model config than the one asked for: "
-            + "; ".join(differences)
-            + ". Use the matching --preset, or start a new run in another --out_dir"
-        )
-    model = NexusLM(config)
-    try:
-        missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
-    except RuntimeError as error:  # tensors of other shapes than the config gives
-        reason = str(error).strip().splitlines()[-1].strip()
-        raise NexusError(
-            f"the checkpoint's weights do not fit its config ({reason}); it was not "
-            "written by this version of Nexus"
-        ) from None
-    allowed_missing = ["lm_head.weight"] if config.tie_embeddings else []
-    if unexpected or sorted(missing) != allowed_missing:
-        raise NexusError(
-            f"the checkpoint's weights do not fit its config (missing {missing}, unexpected "
-            f"{unexpected}); it was not written by this version of Nexus"
-        )
-    return model.to(device)
 
 
 @torch.no_grad()
@@ -197,19 +141,6 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 def autocast(device: torch.device) -> torch.autocast:
     # bf16 only on CUDA: on this kind of CPU bf16 matrix products are hundreds of times slower.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, skipping a line cut short by a crash."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 class StopRequests:
@@ -271,6 +202,7 @@ class Trainer:
         self.config = config
         self.dist = dist
         self.out_dir = Path(config.out_dir)
+        self.run_dir = RunDir(self.out_dir)
         self.log_stream = log or sys.stdout
         self.show_progress = dist.is_main and (
             sys.stderr.isatty() if progress is None else progress
@@ -319,22 +251,17 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------
 
     def _prepare_out_dir(self, resume: str | Path | bool, force: bool) -> Path | None:
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise NexusError(f"--out_dir {str(out)!r} is a file; pass a directory")
-        has_run = out.is_dir() and (
-            any((out / name).exists() for name in (CONFIG_FILE, METRICS_FILE, BEST_FILE))
-            or bool(checkpoint_steps(out))
-        )
+        run_dir = self.run_dir
+        if run_dir.path.exists() and not run_dir.path.is_dir():
+            raise NexusError(f"--out_dir {str(run_dir.path)!r} is a file; pass a directory")
+        has_run = run_dir.holds_run()
         resume_from: Path | None = None
         if resume is True:
-            steps = checkpoint_steps(out) if out.is_dir() else []
-            if steps:
-                resume_from = checkpoint_path(out, steps[-1])
-            elif not (out / CONFIG_FILE).is_file():
+            resume_from = run_dir.latest_checkpoint()
+            if resume_from is None and not run_dir.config_file.is_file():
                 raise NexusError(
-                    f"nothing to resume: {str(out)!r} holds no run (no step_<N>.bin checkpoint); "
-                    "start without --resume, or pass the run's --out_dir"
+                    f"nothing to resume: {str(run_dir.path)!r} holds no run (no step_<N>.bin "
+                    "checkpoint); start without --resume, or pass the run's --out_dir"
                 )
             # else: a run stopped before its first checkpoint; it starts again from step 0
         elif resume:
@@ -343,45 +270,20 @@ class Trainer:
                 raise NexusError(f"--resume {str(resume_from)!r}: no such checkpoint file")
         elif has_run and not force:
             raise NexusError(
-                f"{str(out)!r} already holds a run; pass --resume to continue it, --force to "
-                "start over (its checkpoints are deleted), or choose another --out_dir"
+                f"{str(run_dir.path)!r} already holds a run; pass --resume to continue it, "
+                "--force to start over (its checkpoints are deleted), or choose another --out_dir"
             )
         self.dist.barrier()  # every rank has looked at the directory before rank 0 changes it
         if self.dist.is_main:
-            self._set_up_out_dir(resume, resume_from, has_run, force)
+            run_dir.make_writable()
+            if has_run and force and not resume:
+                run_dir.clear()
+            run_dir.remove_stale_temp_files()
+            if resume is True and resume_from is None:
+                self._truncate_metrics(after=0)
+                self._log(f"no checkpoint in {run_dir.path} yet: the run starts again from step 0")
         self.dist.barrier()
         return resume_from
-
-    def _set_up_out_dir(
-        self, resume: str | Path | bool, resume_from: Path | None, has_run: bool, force: bool
-    ) -> None:
-        out = self.out_dir
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".nexus-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise NexusError(
-                f"--out_dir {str(out)!r} is not writable ({error.strerror or error}); "
-                "choose another"
-            ) from None
-        if has_run and force and not resume:
-            for path in [out / name for name in RUN_FILES] + list(out.glob("step_*.bin")):
-                path.unlink(missing_ok=True)
-            if (out / TENSORBOARD_DIR).is_dir():
-                shutil.rmtree(out / TENSORBOARD_DIR)
-        self._remove_stale_temp_files()
-        if resume is True and resume_from is None:
-            self._truncate_metrics(after=0)
-            self._log(f"no checkpoint in {out} yet: the run starts again from step 0")
-
-    def _remove_stale_temp_files(self) -> None:
-        """Temp files of writes that a kill -9 cut short; the files they were for are intact."""
-        owned = (*(f".{name}." for name in RUN_FILES), ".step_")
-        for path in self.out_dir.glob(".*.tmp"):
-            if path.name.startswith(owned) and path.is_file():
-                path.unlink(missing_ok=True)
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
@@ -412,7 +314,7 @@ class Trainer:
             return
         if path.resolve().parent != self.out_dir.resolve():
             return
-        best = self.out_dir / BEST_FILE
+        best = self.run_dir.best_file
         try:
             current = read_header(best).get("step") if best.is_file() else None
         except NexusError:
@@ -423,11 +325,13 @@ class Trainer:
 
     def _truncate_metrics(self, after: int) -> None:
         """Drop records of steps the resumed run will redo, so each step appears once."""
-        path = self.out_dir / METRICS_FILE
-        if path.exists():
-            # An early stop's record goes too: the resumed run is no longer stopped.
-            kept = [r for r in read_records(path) if r["step"] <= after and r.get("kind") != "stop"]
-            self._write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        try:
+            self.run_dir.truncate_metrics(after)
+        except OSError as error:
+            raise NexusError(
+                f"could not rewrite {self.run_dir.metrics_file} ({error.strerror or error}); the "
+                "previous version is intact. Free disk space or fix permissions, then resume"
+            ) from None
 
     def _write_run_config(self) -> None:
         record = {
@@ -443,7 +347,7 @@ class Trainer:
             },
             "nexus_version": __version__,
         }
-        self._write_bytes(self.out_dir / CONFIG_FILE, json.dumps(record, indent=2).encode())
+        self._write_bytes(self.run_dir.config_file, json.dumps(record, indent=2).encode())
         self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
 
     # --- the loop -----------------------------------------------------------------------
@@ -520,8 +424,8 @@ class Trainer:
             f"update skipped ({in_a_row} in a row)"
         )
         if in_a_row >= self.config.max_bad_steps:
-            steps = checkpoint_steps(self.out_dir)
-            last_good = f"step_{steps[-1]}.bin" if steps else "no checkpoint yet"
+            latest = self.run_dir.latest_checkpoint()
+            last_good = latest.name if latest is not None else "no checkpoint yet"
             raise NexusError(
                 f"training diverged: {in_a_row} steps in a row had non-finite loss or "
                 f"gradients (last good checkpoint: {last_good}); lower --lr or check the data, "
@@ -529,17 +433,17 @@ class Trainer:
             )
 
     def _stop_cleanly(self, step: int, signal_name: str) -> None:
-        if self.dist.is_main and not checkpoint_path(self.out_dir, step).exists():
-            self._save(checkpoint_path(self.out_dir, step), self._last_eval_record())
+        if self.dist.is_main and not self.run_dir.checkpoint(step).exists():
+            self._save(self.run_dir.checkpoint(step), self._last_eval_record())
         self.dist.barrier()  # no rank exits (and has torchrun end the others) before the save
         raise TrainingInterrupted(
             f"{signal_name} received: stopped after step {step} and saved "
-            f"{checkpoint_path(self.out_dir, step)}; continue with "
+            f"{self.run_dir.checkpoint(step)}; continue with "
             f"`nexus train --resume --out_dir {self.out_dir}`"
         )
 
     def _last_eval_record(self) -> dict[str, Any]:
-        records = read_records(self.out_dir / METRICS_FILE)
+        records, _ = self.run_dir.read_metrics()
         evals = [r for r in records if r.get("kind") == "eval"]
         return evals[-1] if evals else {}
 
@@ -647,11 +551,11 @@ class Trainer:
         """End the run at this eval as the verdict says: save the step (unless the eval's
         checkpoint already did), record and log why, rewrite the report."""
         reason = self.verdict.reason if self.verdict is not None else "rank 0 decided (see its log)"
-        path = checkpoint_path(self.out_dir, step)
+        path = self.run_dir.checkpoint(step)
         if self.dist.is_main:
             if not path.exists():
                 self._save(path, eval_record)
-            self._append_metrics({"kind": "stop", "step": step, "reason": reason})
+            self._append_metrics({"kind": STOP_KIND, "step": step, "reason": reason})
             self._log(f"early stop after step {step}: {reason}; saved {path}")
             self._write_report()
         self.dist.barrier()
@@ -665,12 +569,12 @@ class Trainer:
             self.state.best_val_loss, self.state.best_step = eval_record["val_loss"], step
         payload = None
         if step % self.config.checkpoint_interval == 0 or step == self.config.max_steps:
-            payload = self._save(checkpoint_path(self.out_dir, step), eval_record)
+            payload = self._save(self.run_dir.checkpoint(step), eval_record)
         if is_best:
             if payload is None:
-                self._save(self.out_dir / BEST_FILE, eval_record)
+                self._save(self.run_dir.best_file, eval_record)
             else:
-                self._write_bytes(self.out_dir / BEST_FILE, payload)
+                self._write_bytes(self.run_dir.best_file, payload)
         self._write_report()
 
     def _save(self, path: Path, eval_record: dict[str, Any]) -> bytes:
@@ -684,19 +588,16 @@ class Trainer:
             ) from None
 
     def _write_checkpoint(self, path: Path, eval_record: dict[str, Any]) -> bytes:
-        meta = {
-            "step": self.state.step,
-            "train_config": self.config.to_dict(),
-            "model_config": self.model_config.to_dict(),
-            "metrics": eval_record,
-            "best_val_loss": self.state.best_val_loss,
-            "best_step": self.state.best_step,
-            "elapsed_s": self.state.elapsed_s,
-            "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
-            "scheduler": {"kind": "linear-warmup-cosine", "step": self.state.step},
-            "data_position": {"seed": self.config.seed, "next_step": self.state.step + 1},
-            "nexus_version": __version__,
-        }
+        meta = checkpoint_meta(
+            step=self.state.step,
+            train_config=self.config,
+            model_config=self.model_config,
+            optimizer_param_groups=self.optimizer.state_dict()["param_groups"],
+            metrics=eval_record,
+            best_val_loss=self.state.best_val_loss,
+            best_step=self.state.best_step,
+            elapsed_s=self.state.elapsed_s,
+        )
         return save_checkpoint(
             path,
             model_state_for_saving(self.model),
@@ -709,7 +610,7 @@ class Trainer:
 
     def _write_bytes(self, path: Path, payload: bytes) -> None:
         try:
-            atomic_write_bytes(path, payload)
+            atomic_write(path, payload)
         except OSError as error:
             raise NexusError(
                 f"could not write {path} ({error.strerror or error}); the previous version is "
@@ -718,11 +619,10 @@ class Trainer:
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         try:
-            with (self.out_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.run_dir.append_metrics(record)
         except OSError as error:
             raise NexusError(
-                f"could not append to {self.out_dir / METRICS_FILE} ({error.strerror or error}); "
+                f"could not append to {self.run_dir.metrics_file} ({error.strerror or error}); "
                 "free disk space, then `nexus train --resume`"
             ) from None
         self._to_tensorboard(lambda log: log.add(record))
