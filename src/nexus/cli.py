@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="continue the run in --out_dir from its latest checkpoint, or from PATH",
     )
+    train.add_argument(
+        "--branch",
+        action="store_true",
+        help="with --resume PATH of an earlier checkpoint: continue from it and move the run's "
+        "later checkpoints and records into an abandoned-<time>/ folder",
+    )
     train.add_argument("--force", action="store_true", help="start over in a used --out_dir")
     train.set_defaults(handler=run_train)
 
@@ -189,6 +195,8 @@ def run_train(args: argparse.Namespace) -> None:
         for name, value in vars(args).items()
         if name in {f.name for f in fields(TrainConfig)} and value is not None
     }
+    if args.branch and not isinstance(args.resume, str):
+        raise NexusError("--branch needs --resume PATH: the checkpoint the branch starts from")
     base = resume_base_config(args) if args.resume else None
     notes: list[str] = []
     config = resolve_train_config(args.config, overrides, base=base, notes=notes)
@@ -199,7 +207,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     # Under torchrun (WORLD_SIZE > 1) every process joins the group and trains its share.
     with process_group(config.device) as dist:
-        Trainer(config, resume=args.resume, force=args.force, dist=dist).run()
+        Trainer(config, resume=args.resume, force=args.force, branch=args.branch, dist=dist).run()
 
 
 def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -207,6 +215,13 @@ def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
     from nexus.checkpoint import read_meta
 
     if isinstance(args.resume, str):
+        beside = Path(args.resume).parent / "config.json"
+        if args.out_dir is None and not beside.is_file():
+            # An imported or copied checkpoint: its folder is no run to write into.
+            raise NexusError(
+                f"checkpoint {args.resume!r} has no run around it (no config.json beside it); "
+                "pass --out_dir DIR to continue from it in a new run directory"
+            )
         settings = read_meta(args.resume).get("train_config")  # verified; never unpickled
         if not isinstance(settings, dict):
             raise NexusError(

@@ -84,6 +84,7 @@ class Run:
     checkpoints: tuple[CheckpointFile, ...]
     dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
     stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
+    branches: tuple[dict[str, Any], ...] = ()  # resumes from an earlier checkpoint (--branch)
 
     @property
     def last_step(self) -> int:
@@ -130,6 +131,7 @@ def load_run(run_dir: Path) -> Run:
         checkpoints=_checkpoint_files(directory),
         dataset_words=_dataset_words(dataset.get("path")),
         stopped=stopped,
+        branches=tuple(b for b in config.get("branches") or () if isinstance(b, dict)),
     )
 
 
@@ -304,6 +306,13 @@ def _title(run: Run) -> str:
     ]
     if run.stopped is not None:
         lines.append(f"`--early_stop` ended it at step {run.stopped[0]:,}: {run.stopped[1]}.")
+    for branch in run.branches:
+        moved = branch.get("abandoned_checkpoints") or []
+        steps = f"steps {', '.join(map(str, moved))}" if moved else "no checkpoints"
+        lines.append(
+            f"Branched at step {branch.get('from_step')} ({branch.get('at', 'time unknown')}): "
+            f"the abandoned future ({steps} and their records) is in `{branch.get('abandoned')}/`."
+        )
     if run.skipped_lines:
         lines.append(
             f"{run.skipped_lines} unreadable line{'s' if run.skipped_lines > 1 else ''} in "

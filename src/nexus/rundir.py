@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,27 @@ class RunDir:
         records, _ = self.read_metrics()
         kept = [r for r in records if r["step"] <= after and r.get("kind") != STOP_KIND]
         atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    # --- branching -----------------------------------------------------------------------------
+
+    def abandon_after(self, step: int, best_is_later: bool) -> tuple[Path, list[int]]:
+        """Move the run's future after `step` out of the way, into a new abandoned-<UTC time>/
+        folder: the later step_<N>.bin files, their metrics records, and best.bin when it comes
+        from them. Returns the folder and the steps of the checkpoints moved."""
+        folder = self.path / time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime())
+        while folder.exists():  # a second branch within the same second
+            folder = folder.with_name(folder.name + "x")
+        folder.mkdir()
+        records, _ = self.read_metrics()
+        later = [r for r in records if r["step"] > step]
+        atomic_write(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in later).encode())
+        moved = [s for s in self.checkpoint_steps() if s > step]
+        for moved_step in moved:
+            os.replace(self.checkpoint(moved_step), folder / self.checkpoint(moved_step).name)
+        if best_is_later and self.best_file.is_file():
+            os.replace(self.best_file, folder / BEST_FILE)
+        self.truncate_metrics(after=step)
+        return folder, moved
 
     # --- setting up and cleaning --------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from nexus.checkpoint import (
     model_from_checkpoint,
     model_state_for_saving,
     read_header,
+    read_meta,
     save_checkpoint,
 )
 from nexus.config import ModelConfig, TrainConfig
@@ -194,6 +195,7 @@ class Trainer:
         *,
         resume: str | Path | bool = False,
         force: bool = False,
+        branch: bool = False,
         log: TextIO | None = None,
         progress: bool | None = None,
         dist: DistContext = SINGLE_PROCESS,
@@ -221,7 +223,8 @@ class Trainer:
         self.corpus = ByteCorpus.from_file(
             data_path, self.model_config.seq_len, name=dataset_name(data_path)
         )
-        resume_from = self._prepare_out_dir(resume, force)
+        self.branch: dict[str, Any] | None = None  # set when this resume starts a branch
+        resume_from = self._prepare_out_dir(resume, force, branch)
         # Built on the CPU from the seed, so every rank starts from the same weights.
         torch.manual_seed(config.seed)
         self.model = NexusLM(self.model_config).to(self.device)
@@ -250,7 +253,9 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------
 
-    def _prepare_out_dir(self, resume: str | Path | bool, force: bool) -> Path | None:
+    def _prepare_out_dir(
+        self, resume: str | Path | bool, force: bool, branch: bool = False
+    ) -> Path | None:
         run_dir = self.run_dir
         if run_dir.path.exists() and not run_dir.path.is_dir():
             raise NexusError(f"--out_dir {str(run_dir.path)!r} is a file; pass a directory")
@@ -268,6 +273,15 @@ class Trainer:
             resume_from = Path(resume)
             if not resume_from.is_file():
                 raise NexusError(f"--resume {str(resume_from)!r}: no such checkpoint file")
+            step = read_meta(resume_from)["step"]
+            later = [s for s in run_dir.checkpoint_steps() if s > step]
+            if later and not branch:
+                raise NexusError(
+                    f"--resume {str(resume_from)!r} is step {step}, but {str(run_dir.path)!r} "
+                    f"holds later checkpoints (steps {', '.join(map(str, later))}); pass --branch "
+                    "to continue from it and move them into an abandoned-<time>/ folder, or "
+                    "resume into a new --out_dir"
+                )
         elif has_run and not force:
             raise NexusError(
                 f"{str(run_dir.path)!r} already holds a run; pass --resume to continue it, "
@@ -279,11 +293,31 @@ class Trainer:
             if has_run and force and not resume:
                 run_dir.clear()
             run_dir.remove_stale_temp_files()
+            if branch and resume_from is not None:
+                self._branch_from(resume_from)
             if resume is True and resume_from is None:
                 self._truncate_metrics(after=0)
                 self._log(f"no checkpoint in {run_dir.path} yet: the run starts again from step 0")
         self.dist.barrier()
         return resume_from
+
+    def _branch_from(self, checkpoint: Path) -> None:
+        """Start a branch at `checkpoint`: the run's later checkpoints and records move into
+        an abandoned-<time>/ folder, and config.json notes the branch."""
+        step = read_meta(checkpoint)["step"]
+        try:
+            best_step = int(read_header(self.run_dir.best_file)["step"])
+        except (NexusError, KeyError, ValueError):
+            best_step = None
+        folder, moved = self.run_dir.abandon_after(step, best_is_later=(best_step or 0) > step)
+        self.branch = {
+            "from_step": step,
+            "abandoned": folder.name,
+            "abandoned_checkpoints": moved,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        later = f"steps {', '.join(map(str, moved))}" if moved else "no checkpoints"
+        self._log(f"branch at step {step}: {later} and their records moved to {folder}")
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
@@ -308,20 +342,21 @@ class Trainer:
         self._log(f"resumed from {path} at step {checkpoint.step}")
 
     def _repair_best(self, path: Path, checkpoint: Checkpoint) -> None:
-        """A stop between writing step_<N>.bin and best.bin leaves best.bin one best behind;
-        when step N was the best, best.bin is that very file, so copy it."""
-        if checkpoint.meta.get("best_step") != checkpoint.step:
+        """best.bin must hold the best step the resumed checkpoint knows of. A stop between
+        writing step_<N>.bin and best.bin leaves it one best behind, and a branch may have moved
+        it away with the abandoned steps: copy it from step_<best>.bin where that is on disk."""
+        best_step = checkpoint.meta.get("best_step")
+        if not isinstance(best_step, int) or path.resolve().parent != self.out_dir.resolve():
             return
-        if path.resolve().parent != self.out_dir.resolve():
-            return
+        source = path if best_step == checkpoint.step else self.run_dir.checkpoint(best_step)
         best = self.run_dir.best_file
         try:
             current = read_header(best).get("step") if best.is_file() else None
         except NexusError:
             current = None
-        if current != str(checkpoint.step):
-            self._write_bytes(best, path.read_bytes())
-            self._log(f"{best} brought up to date from {path.name}")
+        if current != str(best_step) and source.is_file():
+            self._write_bytes(best, source.read_bytes())
+            self._log(f"{best} brought up to date from {source.name}")
 
     def _truncate_metrics(self, after: int) -> None:
         """Drop records of steps the resumed run will redo, so each step appears once."""
@@ -347,8 +382,19 @@ class Trainer:
             },
             "nexus_version": __version__,
         }
+        branches = self._earlier_branches() + ([self.branch] if self.branch else [])
+        if branches:
+            record["branches"] = branches
         self._write_bytes(self.run_dir.config_file, json.dumps(record, indent=2).encode())
         self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
+
+    def _earlier_branches(self) -> list[dict[str, Any]]:
+        """The branches config.json already notes, when this run continues one."""
+        try:
+            branches = self.run_dir.read_config().get("branches", [])
+        except NexusError:
+            return []
+        return branches if isinstance(branches, list) else []
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -707,7 +753,11 @@ class Trainer:
 
 
 def train(
-    config: TrainConfig, *, resume: str | Path | bool = False, force: bool = False
+    config: TrainConfig,
+    *,
+    resume: str | Path | bool = False,
+    force: bool = False,
+    branch: bool = False,
 ) -> dict[str, Any]:
     """Train a run as configured; returns the last eval record (see Trainer.run)."""
-    return Trainer(config, resume=resume, force=force).run()
+    return Trainer(config, resume=resume, force=force, branch=branch).run()
