@@ -118,11 +118,32 @@ def test_best_checkpoint_is_the_lowest_val_loss(finished_run: Path) -> None:
     records = evals(finished_run)
     best_step = min(records, key=lambda step: records[step]["val_loss"])
     assert read_header(finished_run / "best.bin")["step"] == str(best_step)
-    best_bytes = (finished_run / "best.bin").read_bytes()
-    assert best_bytes == (finished_run / f"step_{best_step}.bin").read_bytes()
-    assert load_checkpoint(finished_run / "best.bin").meta["best_val_loss"] == pytest.approx(
-        records[best_step]["val_loss"]
+    best, full = (
+        load_checkpoint(finished_run / "best.bin"),
+        load_checkpoint(finished_run / f"step_{best_step}.bin"),
     )
+    assert best.meta["best_val_loss"] == pytest.approx(records[best_step]["val_loss"])
+    # The weights alone: the same tensors as the step's checkpoint, no optimizer moments.
+    assert best.model_state.keys() == full.model_state.keys()
+    assert all(torch.equal(best.model_state[k], full.model_state[k]) for k in full.model_state)
+    assert best.optimizer_tensors == {} and full.optimizer_tensors
+    best_size = (finished_run / "best.bin").stat().st_size
+    assert best_size < 0.4 * (finished_run / f"step_{best_step}.bin").stat().st_size
+    with pytest.raises(NexusError, match="holds the weights only"):
+        Trainer(
+            tiny_config(Path(json.loads((finished_run / "config.json").read_text())["dataset"]
+                             ["path"]), finished_run / "elsewhere"),
+            resume=finished_run / "best.bin",
+        )  # fmt: skip
+
+
+def test_keep_last_keeps_the_newest_checkpoints(text_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    Trainer(tiny_config(text_corpus, out, keep_last=2), progress=False).run()
+    assert sorted(p.name for p in out.glob("step_*.bin")) == ["step_6.bin", "step_8.bin"]
+    assert load_checkpoint(out / "best.bin").step in {2, 4, 6, 8}
+    with pytest.raises(NexusError, match="keep_last must be an integer >= 0"):
+        tiny_config(text_corpus, out, keep_last=-1)
 
 
 def test_resume_reproduces_the_uninterrupted_run(finished_run: Path, tmp_path: Path) -> None:

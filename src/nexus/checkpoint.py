@@ -28,6 +28,7 @@ FORMAT = "nexus-checkpoint"
 FORMAT_VERSION = "1"
 OPTIMIZER_PREFIX = "optimizer."  # model weights keep their own names
 RNG_KEY = "rng.torch"
+WEIGHTS_ONLY = "weights_only"  # the metadata key that marks a checkpoint no run resumes from
 
 
 @dataclass
@@ -109,6 +110,12 @@ def encode_checkpoint(
         "meta_checksum": hashlib.sha256(meta_text.encode()).hexdigest(),
     }
     return save_safetensors(tensors, metadata=header)
+
+
+def weights_only_payload(model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A checkpoint of the weights alone (best.bin): about a third of a resumable one, since
+    AdamW keeps two moments per weight. It loads wherever a model is used, never to resume."""
+    return encode_checkpoint(model_state, {}, {**meta, WEIGHTS_ONLY: True})
 
 
 def save_checkpoint(

@@ -271,6 +271,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 200
     save_interval: int = 0  # 0: same as eval_interval
+    keep_last: int = 0  # keep the N newest step_<N>.bin files; 0 keeps them all
     eval_batches: int = 32  # fixed batches of eval_batch_size windows: ±0.01 nats
     eval_batch_size: int = 16
     log_interval: int = 10
@@ -327,7 +328,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise NexusError(f"train config: {name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_interval", "sample_bytes", "seed"):
+        for name in ("warmup_steps", "save_interval", "keep_last", "sample_bytes", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise NexusError(f"train config: {name} must be an integer >= 0, got {value!r}")

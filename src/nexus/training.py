@@ -21,6 +21,7 @@ from torch import Tensor
 
 from nexus import __version__
 from nexus.checkpoint import (
+    WEIGHTS_ONLY,
     Checkpoint,
     checkpoint_meta,
     load_checkpoint,
@@ -29,6 +30,7 @@ from nexus.checkpoint import (
     read_header,
     read_meta,
     save_checkpoint,
+    weights_only_payload,
 )
 from nexus.config import ModelConfig, TrainConfig
 from nexus.data import ByteCorpus, dataset_name, eval_batches, resolve_dataset, train_batch
@@ -273,7 +275,14 @@ class Trainer:
             resume_from = Path(resume)
             if not resume_from.is_file():
                 raise NexusError(f"--resume {str(resume_from)!r}: no such checkpoint file")
-            step = read_meta(resume_from)["step"]
+            meta = read_meta(resume_from)
+            if meta.get(WEIGHTS_ONLY):
+                raise NexusError(
+                    f"--resume {str(resume_from)!r} holds the weights only (best.bin keeps no "
+                    "optimizer state), so no run continues exactly from it; resume from a "
+                    "step_<N>.bin"
+                )
+            step = meta["step"]
             later = [s for s in run_dir.checkpoint_steps() if s > step]
             if later and not branch:
                 raise NexusError(
@@ -355,7 +364,8 @@ class Trainer:
         except NexusError:
             current = None
         if current != str(best_step) and source.is_file():
-            self._write_bytes(best, source.read_bytes())
+            saved = checkpoint if source == path else load_checkpoint(source)
+            self._write_bytes(best, weights_only_payload(saved.model_state, saved.meta))
             self._log(f"{best} brought up to date from {source.name}")
 
     def _truncate_metrics(self, after: int) -> None:
@@ -364,7 +374,7 @@ class Trainer:
             self.run_dir.truncate_metrics(after)
         except OSError as error:
             raise NexusError(
-                f"could not rewrite {self.run_dir.metrics_file} ({error.strerror or error}); the "
+                f"could not write {self.run_dir.metrics_file} ({error.strerror or error}); the "
                 "previous version is intact. Free disk space or fix permissions, then resume"
             ) from None
 
@@ -613,19 +623,32 @@ class Trainer:
         )
         if is_best:
             self.state.best_val_loss, self.state.best_step = eval_record["val_loss"], step
-        payload = None
         if step % self.config.checkpoint_interval == 0 or step == self.config.max_steps:
-            payload = self._save(self.run_dir.checkpoint(step), eval_record)
+            self._save(self.run_dir.checkpoint(step), eval_record)
+            self._drop_old_checkpoints()
         if is_best:
-            if payload is None:
-                self._save(self.run_dir.best_file, eval_record)
-            else:
-                self._write_bytes(self.run_dir.best_file, payload)
+            weights = model_state_for_saving(self.model)
+            payload = weights_only_payload(weights, self._meta(eval_record))
+            self._write_bytes(self.run_dir.best_file, payload)
         self._write_report()
 
-    def _save(self, path: Path, eval_record: dict[str, Any]) -> bytes:
+    def _drop_old_checkpoints(self) -> None:
+        """Keep the keep_last newest step_<N>.bin files (0: all); the newest, which a resume
+        needs, is always among them."""
+        keep = self.config.keep_last
+        if keep > 0:
+            for step in self.run_dir.checkpoint_steps()[:-keep]:
+                self.run_dir.checkpoint(step).unlink(missing_ok=True)
+
+    def _save(self, path: Path, eval_record: dict[str, Any]) -> None:
         try:
-            return self._write_checkpoint(path, eval_record)
+            save_checkpoint(
+                path,
+                model_state_for_saving(self.model),
+                optimizer_tensors(self.optimizer),
+                self._meta(eval_record),
+                rng_state=torch.get_rng_state(),
+            )
         except OSError as error:
             raise NexusError(
                 f"could not write {path} ({error.strerror or error}); earlier checkpoints are "
@@ -633,8 +656,8 @@ class Trainer:
                 f"--out_dir {self.out_dir}`"
             ) from None
 
-    def _write_checkpoint(self, path: Path, eval_record: dict[str, Any]) -> bytes:
-        meta = checkpoint_meta(
+    def _meta(self, eval_record: dict[str, Any]) -> dict[str, Any]:
+        return checkpoint_meta(
             step=self.state.step,
             train_config=self.config,
             model_config=self.model_config,
@@ -643,13 +666,6 @@ class Trainer:
             best_val_loss=self.state.best_val_loss,
             best_step=self.state.best_step,
             elapsed_s=self.state.elapsed_s,
-        )
-        return save_checkpoint(
-            path,
-            model_state_for_saving(self.model),
-            optimizer_tensors(self.optimizer),
-            meta,
-            rng_state=torch.get_rng_state(),
         )
 
     # --- records and output -------------------------------------------------------------
