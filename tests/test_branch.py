@@ -18,6 +18,7 @@ from nexus.checkpoint import load_checkpoint, read_header
 from nexus.cli import main
 from nexus.errors import NexusError
 from nexus.report import load_run, render_report, run_forecast
+from nexus.schedule import lr_at
 from nexus.training import Trainer
 
 CHANGED = {"lr": 1e-3}  # the branch's changed setting, from step 4 on
@@ -117,3 +118,29 @@ def test_branch_needs_resume_path_and_an_imported_checkpoint_needs_out_dir(
     err = capsys.readouterr().err
     assert "has no run around it" in err and "--out_dir" in err
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_resume_that_changes_the_schedule_keeps_each_past_steps_lr(
+    original: Path, text_corpus: Path, tmp_path: Path
+):
+    run = tmp_path / "longer"
+    shutil.copytree(original, run)
+    for step in (6, 8):
+        (run / f"step_{step}.bin").unlink()  # as if stopped after step 4
+    Trainer(tiny_config(text_corpus, run, max_steps=12), resume=True, progress=False).run()
+
+    history = json.loads((run / "config.json").read_text())["schedule_history"]
+    assert [(h["from_step"], h["train"]["max_steps"]) for h in history] == [(1, 8), (5, 12)]
+    loaded = load_run(run)
+    recorded = {r.step: r.lr for r in loaded.train_logs}  # the LR each logged step ran with
+    assert sorted(recorded) == [2, 4, 6, 8, 10, 12]
+    assert all(loaded.lr_at(step) == lr for step, lr in recorded.items())
+    # The current schedule alone would give step 4 another LR: the history is what matters.
+    assert lr_at(4, loaded.train) != recorded[4]
+    rows = {
+        int(cells[0]): cells
+        for line in render_report(loaded, run_forecast(loaded)).splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+        and cells[0].isdigit()
+    }  # fmt: skip
+    assert float(rows[4][5]) == pytest.approx(recorded[4], rel=5e-3)  # shown to 3 digits

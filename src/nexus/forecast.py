@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from nexus.config import TrainConfig
-from nexus.schedule import lr_at
+from nexus.schedule import ScheduleHistory, lr_at
 
 PROBABILITY = 0.8
 PERCENT = f"{100 * PROBABILITY:.0f} %"
@@ -78,9 +78,17 @@ class Schedule:
     drop: np.ndarray
 
     @classmethod
-    def of(cls, config: TrainConfig, last_step: int | None = None) -> Schedule:
+    def of(
+        cls,
+        config: TrainConfig,
+        last_step: int | None = None,
+        history: ScheduleHistory | None = None,
+    ) -> Schedule:
+        """From `config`'s schedule, or from `history` (the LR each past step ran with, when a
+        resume changed it), in units of `config`'s peak LR."""
         last = max(config.max_steps, last_step or 0)
-        lrs = np.array([lr_at(step, config) for step in range(1, last + 1)]) / config.lr
+        lr = history.lr if history is not None else (lambda step: lr_at(step, config))
+        lrs = np.array([lr(step) for step in range(1, last + 1)]) / config.lr
         decrease = np.zeros(last)
         decrease[1:] = np.maximum(lrs[:-1] - lrs[1:], 0.0)
         decrease[: config.warmup_steps] = 0.0  # the warmup's rise is not annealing

@@ -14,7 +14,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nexus.forecast import PERCENT
-from nexus.schedule import lr_at
 
 if TYPE_CHECKING:
     from nexus.forecast import Forecast
@@ -98,7 +97,7 @@ def _limit_losses(axis, run: Run, forecast: Forecast) -> None:
 def _draw_lr(axis, run: Run) -> None:
     train = run.train
     steps = np.linspace(1, train.max_steps, min(train.max_steps, 400)).round().astype(int)
-    axis.plot(steps, [lr_at(int(s), train) for s in steps], ":", color="tab:gray",
+    axis.plot(steps, [run.lr_at(int(s)) for s in steps], ":", color="tab:gray",
               label="learning rate (schedule)")  # fmt: skip
     if run.last_step:
         axis.axvline(run.last_step, color="tab:gray", lw=0.8, alpha=0.5)

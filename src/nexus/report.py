@@ -25,7 +25,7 @@ from nexus.forecast import (
 from nexus.forecast import backtest as backtest_records
 from nexus.forecast import format_backtest as format_backtest
 from nexus.rundir import BEST_FILE, STOP_KIND, RunDir, atomic_write
-from nexus.schedule import lr_at
+from nexus.schedule import ScheduleHistory
 from nexus.verdict import decide, format_duration, report_lines
 
 # Over-fitting verdict when val loss still falls: a gap above this that has also grown by more
@@ -85,6 +85,11 @@ class Run:
     dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
     stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
     branches: tuple[dict[str, Any], ...] = ()  # resumes from an earlier checkpoint (--branch)
+    schedule: ScheduleHistory | None = None  # the LR each step ran with; None: train's
+
+    def lr_at(self, step: int) -> float:
+        """The LR of update `step` as the run ran it (a resume may have changed the schedule)."""
+        return (self.schedule or ScheduleHistory.of(self.train)).lr(step)
 
     @property
     def last_step(self) -> int:
@@ -132,6 +137,7 @@ def load_run(run_dir: Path) -> Run:
         dataset_words=_dataset_words(dataset.get("path")),
         stopped=stopped,
         branches=tuple(b for b in config.get("branches") or () if isinstance(b, dict)),
+        schedule=ScheduleHistory.of(train, config.get("schedule_history")),
     )
 
 
@@ -250,13 +256,14 @@ def forecast_or_failure(run: Run) -> Forecast:
 
 
 def run_forecast(run: Run, schedule: Schedule | None = None) -> Forecast:
-    """The forecast of the val loss at the eval steps still to come."""
+    """The forecast of the val loss at the eval steps still to come, on the schedule the run
+    ran with so far and its current settings from now on."""
     last_eval = run.evals[-1].step if run.evals else 0
     future = [s for s in run.eval_steps() if last_eval < s <= run.train.max_steps]
     return forecast_val_loss(
         [r.step for r in run.train_logs], [r.loss for r in run.train_logs],
         [r.step for r in run.evals], [r.val_loss for r in run.evals],
-        run.train, future, schedule,
+        run.train, future, schedule or Schedule.of(run.train, history=run.schedule),
     )  # fmt: skip
 
 
@@ -268,7 +275,7 @@ def backtest(run_dir: Path, cutoff_step: int | None = None) -> Backtest:
     return backtest_records(
         [r.step for r in run.train_logs], [r.loss for r in run.train_logs],
         [r.step for r in run.evals], [r.val_loss for r in run.evals],
-        run.train, cutoff,
+        run.train, cutoff, Schedule.of(run.train, history=run.schedule),
     )  # fmt: skip
 
 
@@ -384,7 +391,7 @@ def _progress_table(run: Run) -> str:
     for step in run.eval_steps():
         record = by_step.get(step)
         if record is None:
-            lr = _lr(lr_at(step, run.train)) if step > 0 else "-"
+            lr = _lr(run.lr_at(step)) if step > 0 else "-"
             lines.append(f"| {step} | - | - | - | - | {lr} | - |")
             continue
         star = "⭐" if best is not None and record.step == best.step else "-"
@@ -569,7 +576,7 @@ def _learning_rate(run: Run) -> list[str]:
     train, step = run.train, run.last_step
     if step == 0:
         return [f"- Warmup to the peak {_lr(train.lr)} over {train.warmup_steps} steps, not begun"]
-    lr = lr_at(step, train)
+    lr = run.lr_at(step)
     share = 100 * lr / train.lr
     floor = f"the floor {_lr(train.min_lr)}, {100 * train.min_lr / train.lr:.0f} % of peak"
     if step <= train.warmup_steps:

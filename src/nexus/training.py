@@ -39,7 +39,7 @@ from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
 from nexus.model import NexusLM
 from nexus.rundir import STOP_KIND, RunDir, atomic_write
-from nexus.schedule import lr_at
+from nexus.schedule import ScheduleHistory, lr_at
 from nexus.tensorboard import TensorBoardLog
 from nexus.verdict import Verdict, decide, format_log
 
@@ -392,19 +392,39 @@ class Trainer:
             },
             "nexus_version": __version__,
         }
-        branches = self._earlier_branches() + ([self.branch] if self.branch else [])
+        earlier = self._earlier_config()
+        previous = earlier.get("branches")
+        branches = (previous if isinstance(previous, list) else []) + (
+            [self.branch] if self.branch else []
+        )
         if branches:
             record["branches"] = branches
+        history = self._schedule_history(earlier)
+        if len(history.stretches) > 1:
+            record["schedule_history"] = history.to_records()
         self._write_bytes(self.run_dir.config_file, json.dumps(record, indent=2).encode())
         self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
 
-    def _earlier_branches(self) -> list[dict[str, Any]]:
-        """The branches config.json already notes, when this run continues one."""
+    def _earlier_config(self) -> dict[str, Any]:
+        """config.json as the run left it, when this run continues one (else empty)."""
+        if self.state.step == 0 and self.branch is None:
+            return {}
         try:
-            branches = self.run_dir.read_config().get("branches", [])
+            return self.run_dir.read_config()
         except NexusError:
-            return []
-        return branches if isinstance(branches, list) else []
+            return {}
+
+    def _schedule_history(self, earlier: dict[str, Any]) -> ScheduleHistory:
+        """The schedule each step ran with: the earlier stretches up to the resumed step, then
+        the current settings (a new stretch only if they change the LR)."""
+        if not earlier:
+            return ScheduleHistory.of(self.config)
+        try:
+            before = TrainConfig.from_dict(earlier["train"])
+        except (KeyError, TypeError, NexusError):
+            return ScheduleHistory.of(self.config)
+        history = ScheduleHistory.of(before, earlier.get("schedule_history"))
+        return history.continued(self.state.step + 1, self.config)
 
     # --- the loop -----------------------------------------------------------------------
 
