@@ -67,4 +67,3 @@ class ScheduleHistory:
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"from_step": first, "train": config.to_dict()} for first, config in self.stretches]
-
