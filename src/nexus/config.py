@@ -243,6 +243,16 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_for(model: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """A preset name and the [model] overrides that give `model`: the equal preset, else
+    nexus-6m with the fields that differ."""
+    for name, candidate in PRESETS.items():
+        if candidate == model:
+            return name, {}
+    base = PRESETS["nexus-6m"].to_dict()
+    return "nexus-6m", {k: v for k, v in model.to_dict().items() if base[k] != v}
+
+
 def preset(name: str) -> ModelConfig:
     """The named preset, or a NexusError listing the known names."""
     if name not in PRESETS:
@@ -256,6 +266,9 @@ class TrainConfig:
 
     preset: str = "nexus-6m"
     data: str | None = None  # None: Tiny Shakespeare, resolved by nexus.data
+    # Start from these weights (a Nexus checkpoint or a Hugging Face Jamba directory): the model
+    # config comes from them; optimizer, schedule, step, data and out_dir are this run's own.
+    init_from: str | None = None
     out_dir: str = "checkpoints/nexus_production"
     max_steps: int = 2000
     micro_batch: int = 4
@@ -455,6 +468,10 @@ def resolve_train_config(
             merged["model"] = {**merged.get("model", {}), **value}
         else:
             merged[key] = value
+    if merged.get("init_from"):
+        from nexus.finetune import fit_to_parent  # reads the parent, which needs torch
+
+        merged = fit_to_parent(merged)
     chosen = merged.get("preset", TrainConfig.preset)
     settings = {**PRESET_TRAINING.get(chosen, {}), **merged}
     if "warmup_steps" not in merged:  # neither the user nor the resumed run chose it

@@ -35,8 +35,9 @@ from nexus.checkpoint import (
     model_state_for_saving,
     save_checkpoint,
 )
-from nexus.config import PRESETS, ModelConfig, TrainConfig
+from nexus.config import ModelConfig, TrainConfig, preset_for
 from nexus.errors import NexusError
+from nexus.model import NexusLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -410,17 +411,6 @@ def model_config_from_jamba(hf: dict[str, Any], seq_len: int | None = None) -> M
         raise NexusError(f"the Jamba config does not fit Nexus: {error}") from None
 
 
-def train_config_for(config: ModelConfig, out_dir: str) -> TrainConfig:
-    """A TrainConfig whose model is `config`: the equal preset, or the nearest-named preset
-    (nexus-6m) with the differing fields as overrides, so that fine-tuning can resume."""
-    for name, candidate in PRESETS.items():
-        if candidate == config:
-            return TrainConfig(preset=name, out_dir=out_dir)
-    base = PRESETS["nexus-6m"].to_dict()
-    overrides = {k: v for k, v in config.to_dict().items() if base[k] != v}
-    return TrainConfig(preset="nexus-6m", out_dir=out_dir, model=overrides)
-
-
 # --- export -----------------------------------------------------------------------------------
 
 
@@ -503,29 +493,14 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def import_from_hf(
-    hf_dir: str | Path,
-    checkpoint_path: str | Path,
-    *,
-    seq_len: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a Hugging Face Jamba directory as a Nexus checkpoint that `nexus sample`, `nexus
-    eval` and `nexus train --resume` load; returns the checkpoint's path.
+def model_from_hf(hf_dir: str | Path, seq_len: int | None = None) -> NexusLM:
+    """The Nexus model a Hugging Face Jamba directory holds, in float32.
 
     `seq_len` (Nexus's training and eval window) defaults to the one a Nexus export recorded,
     else 128: Jamba itself has no positional limit."""
-    from nexus.model import NexusLM
-    from nexus.training import build_optimizer
-
     source = Path(hf_dir)
-    target = Path(checkpoint_path)
     if not source.is_dir():
         raise NexusError(f"{str(source)!r} is not a directory; pass a Hugging Face model directory")
-    if target.is_dir():
-        raise NexusError(f"{str(target)!r} is a directory; pass a checkpoint file path (.bin)")
-    if target.exists() and not overwrite:
-        raise NexusError(f"{str(target)!r} exists; choose another path or pass --force")
     try:
         hf_config = json.loads((source / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -561,7 +536,30 @@ def import_from_hf(
     assert not unexpected and sorted(missing) == (
         ["lm_head.weight"] if config.tie_embeddings else []
     )
-    train_config = train_config_for(config, str(target.parent))
+    return model
+
+
+def import_from_hf(
+    hf_dir: str | Path,
+    checkpoint_path: str | Path,
+    *,
+    seq_len: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face Jamba directory as a Nexus checkpoint that `nexus sample`, `nexus
+    eval` and `nexus train --resume --out_dir DIR` load; returns the checkpoint's path."""
+    from nexus.training import build_optimizer
+
+    source = Path(hf_dir)
+    target = Path(checkpoint_path)
+    if target.is_dir():
+        raise NexusError(f"{str(target)!r} is a directory; pass a checkpoint file path (.bin)")
+    if target.exists() and not overwrite:
+        raise NexusError(f"{str(target)!r} exists; choose another path or pass --force")
+    model = model_from_hf(source, seq_len)
+    config = model.config
+    name, overrides = preset_for(config)
+    train_config = TrainConfig(preset=name, out_dir=str(target.parent), model=overrides)
     optimizer = build_optimizer(model, train_config)
     meta = checkpoint_meta(
         step=0,

@@ -86,6 +86,7 @@ class Run:
     stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
     branches: tuple[dict[str, Any], ...] = ()  # resumes from an earlier checkpoint (--branch)
     schedule: ScheduleHistory | None = None  # the LR each step ran with; None: train's
+    parent: dict[str, Any] | None = None  # a fine-tune's parent: path, kind, step, checksum
 
     def lr_at(self, step: int) -> float:
         """The LR of update `step` as the run ran it (a resume may have changed the schedule)."""
@@ -138,6 +139,7 @@ def load_run(run_dir: Path) -> Run:
         stopped=stopped,
         branches=tuple(b for b in config.get("branches") or () if isinstance(b, dict)),
         schedule=ScheduleHistory.of(train, config.get("schedule_history")),
+        parent=config["parent"] if isinstance(config.get("parent"), dict) else None,
     )
 
 
@@ -364,8 +366,17 @@ def _configuration(run: Run) -> str:
             f"- **max_steps**: {train.max_steps:,}",
             f"- **eval_interval**: {train.eval_interval}",
             f"- **dataset**: {_dataset(run.dataset)}",
+            *_parent(run.parent),
         ]
     )
+
+
+def _parent(parent: dict[str, Any] | None) -> list[str]:
+    if parent is None:
+        return []
+    step = f", step {parent['step']}" if isinstance(parent.get("step"), int) else ""
+    checksum = str(parent.get("checksum", ""))[:12]
+    return [f"- **fine-tuned from**: `{parent.get('path')}`{step} (sha256 {checksum}…)"]
 
 
 def _dataset(dataset: dict[str, Any]) -> str:

@@ -247,6 +247,10 @@ class Trainer:
             batch_size=config.eval_batch_size,
             seq_len=seq_len,
         )
+        # A fine-tune's parent: its weights start a fresh run; a resumed one has them already.
+        self.parent: dict[str, Any] | None = None
+        if config.init_from and resume_from is None:
+            self._start_from_parent(config.init_from)
         if resume_from is not None:
             self._restore(resume_from)
         if dist.is_main:
@@ -309,6 +313,16 @@ class Trainer:
                 self._log(f"no checkpoint in {run_dir.path} yet: the run starts again from step 0")
         self.dist.barrier()
         return resume_from
+
+    def _start_from_parent(self, source: str) -> None:
+        from nexus.finetune import read_parent  # the Hugging Face reader loads only here
+
+        parent = read_parent(source)
+        weights = parent.load_model().state_dict()
+        self.model.load_state_dict(weights)
+        self.parent = parent.to_dict()
+        step = f" step {parent.step}" if parent.step is not None else ""
+        self._log(f"weights from {parent.path}{step} (sha256 {parent.checksum[:12]}…)")
 
     def _branch_from(self, checkpoint: Path) -> None:
         """Start a branch at `checkpoint`: the run's later checkpoints and records move into
@@ -402,6 +416,9 @@ class Trainer:
         history = self._schedule_history(earlier)
         if len(history.stretches) > 1:
             record["schedule_history"] = history.to_records()
+        self.parent = self.parent or earlier.get("parent")
+        if self.parent:
+            record["parent"] = self.parent
         self._write_bytes(self.run_dir.config_file, json.dumps(record, indent=2).encode())
         self._log("config: " + json.dumps(self.config.to_dict(), sort_keys=True))
 
@@ -450,6 +467,9 @@ class Trainer:
             self._tensorboard_events(),
             deterministic_algorithms(compiled and self.device.type == "cpu"),
         ):
+            if self.parent and self.state.step == 0 and self.dist.is_main:
+                # Where the fine-tune starts: on the parent's own data, the parent's eval.
+                last_eval = self._evaluate(0, 0.0)
             for step in range(self.state.step + 1, config.max_steps + 1):
                 loss, aux_loss, grad_norm, lr = self._train_step(step)
                 self.state.step = step
@@ -686,6 +706,7 @@ class Trainer:
             best_val_loss=self.state.best_val_loss,
             best_step=self.state.best_step,
             elapsed_s=self.state.elapsed_s,
+            **({"parent": self.parent} if self.parent else {}),
         )
 
     # --- records and output -------------------------------------------------------------
