@@ -220,3 +220,41 @@ def test_return_convention_and_shape_errors():
         selective_scan(x, dt, A, Bm[:, :4], Cm, Dskip)
     with pytest.raises(ValueError, match="A has shape"):
         selective_scan(x, dt, A.t(), Bm, Cm, Dskip)
+
+
+# The scan's forward and backward and the decoder's logits, digested, with whether numba
+# compiled the kernels in this process or loaded them from its on-disk cache.
+KERNEL_DIGEST = r"""
+import hashlib, torch
+from nexus import decode, scan
+from nexus.config import preset
+from nexus.model import NexusLM
+torch.manual_seed(0)
+x, dt, Bm, Cm = torch.randn(2, 64, 128), torch.rand(2, 64, 128) * 0.2, *torch.randn(2, 2, 64, 16)
+A, Dskip = -torch.rand(128, 16) * 4 - 0.5, torch.randn(128)
+inputs = [t.requires_grad_() for t in (x, dt, A, Bm, Cm, Dskip)]
+y, h_last = scan.selective_scan(*inputs, return_state=True)
+(y.square().sum() + h_last.sum()).backward()
+decoder = decode.Decoder(NexusLM(preset("nexus-tiny")).eval(), 16)
+logits = [decoder.prefill(list(b"To be")).clone()] + [decoder.step(b).clone() for b in b" or not"]
+digest = hashlib.sha256()
+for t in [y, h_last, *(t.grad for t in inputs), *logits]:
+    digest.update(t.detach().numpy().tobytes())
+kernels = (scan._scan_fwd, scan._scan_bwd, decode._decode)
+print(digest.hexdigest(), all(sum(k.stats.cache_hits.values()) for k in kernels))
+"""
+
+
+@needs_numba
+def test_compiling_and_cache_loading_processes_agree(tmp_path):
+    """Issue 13: a process that compiles the numba kernels and one that loads them from the
+    on-disk cache compute the same bits (with fastmath `contract` they did not: numba
+    optimises a prange body twice, and the two copies fused different products into FMAs)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    command = [sys.executable, "-c", KERNEL_DIGEST]
+    compiled, loaded = (
+        subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(2)
+    )
+    assert compiled[1] == "False" and loaded[1] == "True"  # the first compiled, the second loaded
+    assert compiled[0] == loaded[0]

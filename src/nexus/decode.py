@@ -218,7 +218,9 @@ class Decoder:
 if scan.numba is not None:
     _jit = scan.numba_jit
     _exp = scan.kernel_exp
-    _FASTMATH = {"contract", "reassoc"}  # no nnan/ninf: NaN and Inf still propagate
+    # No nnan/ninf: NaN and Inf still propagate. No contract, as in scan._KERNEL_OPTIONS: the
+    # logits would depend on whether this process compiled the kernels or loaded them.
+    _FASTMATH = {"reassoc"}
     _F0, _F1, _F20 = np.float32(0.0), np.float32(1.0), np.float32(20.0)
     _NEG_INF = np.float32(-np.inf)
     prange = scan.prange

@@ -234,7 +234,12 @@ def ftz_args(dtype: torch.dtype) -> tuple[np.floating, np.floating]:
 
 def use_numba_threads(count: int) -> None:
     """Run the next numba kernels on `count` threads, within what numba started with."""
+    torch_threads = torch.get_num_threads()
     numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    # The first call starts numba's OpenMP pool, which sets the OpenMP thread count that torch
+    # shares (libgomp) to NUMBA_NUM_THREADS: under OMP_NUM_THREADS=1 torch went on with 2.
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def numba_jit(**options):
@@ -278,6 +283,8 @@ if numba is not None:
 
         return nb_types.float32(nb_types.float32), codegen
 
+    # contract is safe here (unlike in the kernels, see _KERNEL_OPTIONS): every addition in
+    # exp_f32 has one product operand, so there is only one way to fuse it.
     @overload(kernel_exp, jit_options={"fastmath": {"contract"}})
     def _exp_overload(v):
         if isinstance(v, nb_types.Float) and v.bitwidth == 32:
@@ -292,8 +299,13 @@ if numba is not None:
             return exp_f32
         return lambda v: math.exp(v)
 
-    # reassoc lets LLVM vectorise the sums; no nnan/ninf, so NaN/Inf still propagate.
-    _KERNEL_OPTIONS = {"parallel": True, "fastmath": {"contract", "reassoc"}}
+    # reassoc lets LLVM vectorise the sums; no nnan/ninf, so NaN/Inf still propagate. No
+    # contract: with it LLVM may fuse either product of a*b + c*d into an FMA, by whichever
+    # operand order its optimiser left, and numba optimises a prange body twice (as a gufunc of
+    # its own, which the compiling process runs, and again inside the caller, whose object
+    # code is what its on-disk cache keeps), so a process that compiled the kernels and one
+    # that loaded them from the cache rounded differently (issue 13).
+    _KERNEL_OPTIONS = {"parallel": True, "fastmath": {"reassoc"}}
 
     # The hot loops run over i in range(lanes) and index only local (N, lanes) / (lanes,)
     # buffers: an index like d0 + i would get numba's negative-index wraparound select, which
