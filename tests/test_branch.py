@@ -5,8 +5,10 @@ and ends exactly where an uninterrupted branch ends."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -44,12 +46,30 @@ def test_an_earlier_checkpoint_is_refused_without_branch(original: Path, text_co
     ]  # fmt: skip
 
 
-class Killed(BaseException):
-    """Stands for a kill -9 while step_8.bin is being written (its rename never happens)."""
+# The branch, in a process of its own that kill -9s itself while step_8.bin is being written
+# (the temp file is there, the rename never happens).
+BRANCH_THEN_KILL = textwrap.dedent(
+    """
+    import os, signal, sys
+    import nexus.rundir as rundir
+    from conftest import tiny_config
+    from nexus.training import Trainer
+
+    real_replace = os.replace
+    def dying_replace(source, target):
+        if str(target).endswith("step_8.bin") and "abandoned" not in str(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(source, target)
+    rundir.os.replace = dying_replace
+    out = sys.argv[2]
+    config = tiny_config(sys.argv[1], out, lr=float(sys.argv[3]))
+    Trainer(config, resume=os.path.join(out, "step_4.bin"), branch=True, progress=False).run()
+    """
+)
 
 
-def test_a_branch_interrupted_then_resumed_ends_as_the_uninterrupted_branch(
-    original: Path, text_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_branch_killed_then_resumed_ends_as_the_uninterrupted_branch(
+    original: Path, text_corpus: Path, tmp_path: Path
 ):
     reference, branched = tmp_path / "reference", tmp_path / "branched"
     shutil.copytree(original, reference)
@@ -59,20 +79,12 @@ def test_a_branch_interrupted_then_resumed_ends_as_the_uninterrupted_branch(
         resume=reference / "step_4.bin", branch=True, progress=False,
     ).run()  # fmt: skip
 
-    real_replace = os.replace
-
-    def dying_replace(source: str, target: str) -> None:
-        if str(target).endswith("step_8.bin") and "abandoned" not in str(target):
-            raise Killed
-        real_replace(source, target)
-
-    monkeypatch.setattr(rundir.os, "replace", dying_replace)
-    with pytest.raises(Killed):
-        Trainer(
-            tiny_config(text_corpus, branched, **CHANGED),
-            resume=branched / "step_4.bin", branch=True, progress=False,
-        ).run()  # fmt: skip
-    monkeypatch.setattr(rundir.os, "replace", real_replace)
+    killed = subprocess.run(
+        [sys.executable, "-c", BRANCH_THEN_KILL, str(text_corpus), str(branched),
+         str(CHANGED["lr"])],
+        cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
 
     # The abandoned future is aside, so a plain resume takes the branch's step 6, not step 8.
     (abandoned,) = branched.glob("abandoned-*")
