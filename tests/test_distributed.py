@@ -77,9 +77,12 @@ def test_grad_accum_that_does_not_divide_is_refused(text_corpus: Path, tmp_path:
 
 
 def as_flags(settings: dict[str, Any]) -> list[str]:
-    """`nexus train` flags for TrainConfig settings (a boolean as --name or --no-name)."""
+    """`nexus train` flags for TrainConfig settings (a boolean as --name or --no-name; a
+    setting left at None, such as init_from, as no flag)."""
     args: list[str] = []
     for name, value in settings.items():
+        if value is None:
+            continue
         if isinstance(value, bool):
             args.append(f"--{name}" if value else f"--no-{name}")
         else:
