@@ -259,3 +259,20 @@ def test_backtest_of_a_run_directory(tmp_path):
     assert result.forecast.used_steps == (200, 400, 600)
     assert result.target_step == 800 and result.actual == pytest.approx(1.611)
     assert result.last_value == pytest.approx(1.652)
+
+
+def test_the_sample_check_reads_a_bounded_sample_of_the_train_split(tmp_path):
+    corpus = tmp_path / "big.txt"
+    line = b"the king and the queen of verona, to be or not\n"
+    train = line * (3_000_000 // len(line))
+    corpus.write_bytes(train + b"zebra " * 1000)  # a word only the val split holds
+    run = make_run(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["dataset"] = {"name": "big", "path": str(corpus), "bytes": corpus.stat().st_size,
+                         "train_bytes": len(train), "val_bytes": 6000}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(config))
+    loaded = load_run(run)
+    assert loaded.words_sampled_bytes == 1_000_000  # 16 pieces of 62,500 bytes, not 3 MB
+    assert {"king", "verona"} <= loaded.dataset_words and "zebra" not in loaded.dataset_words
+    text = render_report(loaded, run_forecast(loaded))
+    assert "100 % of its 4 words occur in 1.0 MB of the training text" in text  # "To be or not"

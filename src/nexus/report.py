@@ -37,6 +37,8 @@ CHART_HEIGHT = 10
 CHART_MAX_COLUMNS = 20
 SAMPLE_CHARS = 80
 SAMPLES_SHOWN = 5
+WORD_SAMPLE_BYTES = 1_000_000  # the train text the sample check reads, in evenly spaced pieces
+WORD_SAMPLE_PIECES = 16
 FORECAST_FAILED = "failed"  # the status of a forecast that raised instead of answering
 
 
@@ -83,6 +85,7 @@ class Run:
     skipped_lines: int  # unreadable metrics lines, e.g. a truncated last line
     checkpoints: tuple[CheckpointFile, ...]
     dataset_words: frozenset[str] = frozenset()  # to say how word-like the samples are
+    words_sampled_bytes: int = 0  # how much of the training text dataset_words come from
     stopped: tuple[int, str] | None = None  # (step, reason) when --early_stop ended the run
     branches: tuple[dict[str, Any], ...] = ()  # resumes from an earlier checkpoint (--branch)
     schedule: ScheduleHistory | None = None  # the LR each step ran with; None: train's
@@ -135,7 +138,7 @@ def load_run(run_dir: Path) -> Run:
         train_logs=train_logs,
         skipped_lines=skipped + unknown,
         checkpoints=_checkpoint_files(directory),
-        dataset_words=_dataset_words(dataset.get("path")),
+        **_train_text_words(dataset),
         stopped=stopped,
         branches=tuple(b for b in config.get("branches") or () if isinstance(b, dict)),
         schedule=ScheduleHistory.of(train, config.get("schedule_history")),
@@ -221,11 +224,32 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
-def _dataset_words(path: Any) -> frozenset[str]:
+def _train_text_words(dataset: dict[str, Any]) -> dict[str, Any]:
+    """The words of a fixed, bounded sample of the train split (WORD_SAMPLE_PIECES evenly
+    spaced pieces, WORD_SAMPLE_BYTES in all), so the sample check costs the same at every eval
+    whatever the corpus size; and how many bytes were read."""
+    path = dataset.get("path")
     if not isinstance(path, str) or not Path(path).is_file():
-        return frozenset()
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    return frozenset(re.findall(r"[a-z]+", text.lower()))
+        return {}
+    size = Path(path).stat().st_size
+    train_bytes = dataset.get("train_bytes")
+    if isinstance(train_bytes, int) and 0 < train_bytes <= size:
+        size = train_bytes  # the split is the file's first bytes
+    if size <= WORD_SAMPLE_BYTES:
+        starts, piece = [0], size
+    else:
+        piece = WORD_SAMPLE_BYTES // WORD_SAMPLE_PIECES
+        starts = np.linspace(0, size - piece, WORD_SAMPLE_PIECES).astype(int).tolist()
+    chunks = []
+    with open(path, "rb") as file:
+        for start in starts:
+            file.seek(start)
+            chunks.append(file.read(piece))
+    text = b"\n".join(chunks).decode("utf-8", errors="replace").lower()
+    return {
+        "dataset_words": frozenset(re.findall(r"[a-z]+", text)),
+        "words_sampled_bytes": sum(len(chunk) for chunk in chunks),
+    }
 
 
 # ---------------------------------------------------------------------------- the report
@@ -578,7 +602,10 @@ def _samples(run: Run) -> list[str]:
         known = ""
         if run.dataset_words and words:
             share = sum(w in run.dataset_words for w in words) / len(words)
-            known = f" — {100 * share:.0f} % of its {len(words)} words occur in the training text"
+            known = (
+                f" — {100 * share:.0f} % of its {len(words)} words occur in "
+                f"{_size(run.words_sampled_bytes)} of the training text"
+            )
         lines.append(f"- Step {record.step}: {_code(_shorten(record.sample))}{known}")
     return lines
 
