@@ -339,7 +339,10 @@ BAD_INPUTS: dict[str, Callable[[Context], tuple[list, list[str]]]] = {
         c.train(data=c.tmp / "nope.txt"),
         ["data file", "nope.txt' does not exist", "--data"],
     ),
-    "data is a directory": lambda c: (c.train(data=c.tmp), ["is a directory", "--data PATH"]),
+    "data: a directory with no text": lambda c: (
+        c.train(data=c.tmp / c.mkdir("no-text")),
+        ["no-text' holds no text to train on", "check --data"],
+    ),
     "data under a regular file": lambda c: (
         c.train(data=c.write("plain", "x") / "data.txt"),
         ["does not exist"],

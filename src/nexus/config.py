@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from nexus.errors import NexusError
+from nexus.sources import DEFAULT_EXCLUDE
 
 SSM_CHOICES = ("mamba1", "mamba2")
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -266,6 +267,12 @@ class TrainConfig:
 
     preset: str = "nexus-6m"
     data: str | None = None  # None: Tiny Shakespeare, resolved by nexus.data
+    # A directory, .jsonl or .gz source: the JSON Lines field, the files a directory gives
+    # (comma-separated name patterns), and what joins the documents in the prepared store.
+    text_field: str = "text"
+    include: str = "*"
+    exclude: str = DEFAULT_EXCLUDE
+    doc_separator: str = "\n\n"
     # Start from these weights (a Nexus checkpoint or a Hugging Face Jamba directory): the model
     # config comes from them; optimizer, schedule, step, data and out_dir are this run's own.
     init_from: str | None = None

@@ -39,39 +39,49 @@ class ByteCorpus:
     size_bytes: int
 
     @classmethod
+    def from_store(cls, data_file: Path, seq_len: int, name: str) -> ByteCorpus:
+        """A prepared store's bytes through a memory map: windows are read as they are drawn,
+        so memory does not grow with the corpus (copy-on-write: torch wants a writable buffer,
+        and nothing ever writes to it)."""
+        import numpy as np
+
+        _check_positive("seq_len", seq_len)
+        mapped = torch.from_numpy(np.memmap(data_file, dtype=np.uint8, mode="c"))
+        return cls._split(mapped, seq_len, name, data_file)
+
+    @classmethod
     def from_file(cls, path: str | Path, seq_len: int, name: str | None = None) -> ByteCorpus:
         """Read `path` whole; both splits must hold at least one window of seq_len + 1 bytes."""
         _check_positive("seq_len", seq_len)
         path = Path(path).expanduser()
         raw = _read_bytes(path)
-        window = seq_len + 1
         if not raw:
             raise NexusError(f"data file {str(path)!r} is empty; {_HOW_TO_GIVE_DATA} with text")
-        if len(raw) < window:
+        # bytearray: torch.frombuffer wants a writable buffer it can share without copying.
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return cls._split(data, seq_len, name if name is not None else dataset_name(path), path)
+
+    @classmethod
+    def _split(cls, data: torch.Tensor, seq_len: int, name: str, path: Path) -> ByteCorpus:
+        """The first 90 % for training, the rest for validation, each at least one window."""
+        size, window = data.numel(), seq_len + 1
+        if size < window:
             raise NexusError(
-                f"data file {str(path)!r} has {len(raw)} bytes, fewer than one window of "
+                f"data file {str(path)!r} has {size} bytes, fewer than one window of "
                 f"seq_len + 1 = {window} bytes; use a longer file or a smaller seq_len"
             )
-        n_train = len(raw) * 9 // 10  # integer arithmetic: the split is exact and reproducible
-        n_val = len(raw) - n_train
+        n_train = size * 9 // 10  # integer arithmetic: the split is exact and reproducible
+        n_val = size - n_train
         if n_val < window:
             # ceil(n / 10) >= window  <=>  n >= 10 * (window - 1) + 1
             needed = 10 * (window - 1) + 1
             raise NexusError(
-                f"data file {str(path)!r} has {len(raw)} bytes, so its validation split (the last "
+                f"data file {str(path)!r} has {size} bytes, so its validation split (the last "
                 f"10 %) is {n_val} bytes, fewer than one window of {window} bytes; the file needs "
                 f"at least {needed} bytes at seq_len {seq_len}: use a longer file or a smaller "
                 "seq_len"
             )
-        # bytearray: torch.frombuffer wants a writable buffer it can share without copying.
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        return cls(
-            train=data[:n_train],
-            val=data[n_train:],
-            name=name if name is not None else dataset_name(path),
-            path=path,
-            size_bytes=len(raw),
-        )
+        return cls(train=data[:n_train], val=data[n_train:], name=name, path=path, size_bytes=size)
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -411,6 +411,13 @@ def _dataset(dataset: dict[str, Any]) -> str:
     split = ""
     if isinstance(dataset.get("train_bytes"), int) and isinstance(dataset.get("val_bytes"), int):
         split = f"; {dataset['train_bytes']:,} train / {dataset['val_bytes']:,} val"
+    sources = dataset.get("sources")
+    if isinstance(sources, dict):
+        skipped = sources.get("skipped") or {}
+        split += (
+            f"; {sources.get('documents', 0):,} documents from {sources.get('files', 0):,} files"
+            + "".join(f", {count} skipped ({reason})" for reason, count in skipped.items())
+        )
     return f"{name} ({size:,} bytes{split})"
 
 

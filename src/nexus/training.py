@@ -40,6 +40,8 @@ from nexus.generation import generate
 from nexus.model import NexusLM
 from nexus.rundir import STOP_KIND, RunDir, atomic_write
 from nexus.schedule import ScheduleHistory, lr_at
+from nexus.sources import SourceSpec, is_plain_file
+from nexus.store import prepare
 from nexus.tensorboard import TensorBoardLog
 from nexus.verdict import Verdict, decide, format_log
 
@@ -172,6 +174,10 @@ class StopRequests:
             signal.signal(signum, handler)
 
 
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0: silent."""
+
+
 def safe_exp(value: float) -> float:
     return math.exp(value) if value < 700 else math.inf
 
@@ -222,9 +228,22 @@ class Trainer:
         self.model_config = config.model_config()
         # The data is checked first, so a mistake there never costs a run that --force clears.
         data_path = resolve_dataset(config.data)
-        self.corpus = ByteCorpus.from_file(
-            data_path, self.model_config.seq_len, name=dataset_name(data_path)
-        )
+        self.sources: dict[str, Any] | None = None  # what a prepared store was made of
+        if data_path.exists() and not is_plain_file(data_path):
+            spec = SourceSpec(data_path, config.text_field, config.include, config.exclude)
+            if dist.is_main:  # one process prepares; the others then find its store
+                store = prepare(spec, config.doc_separator, log=self._log)
+            dist.barrier()
+            if not dist.is_main:
+                store = prepare(spec, config.doc_separator, log=_quiet)
+            self.sources = store.summary
+            self.corpus = ByteCorpus.from_store(
+                store.data_file, self.model_config.seq_len, name=dataset_name(data_path)
+            )
+        else:
+            self.corpus = ByteCorpus.from_file(
+                data_path, self.model_config.seq_len, name=dataset_name(data_path)
+            )
         self.branch: dict[str, Any] | None = None  # set when this resume starts a branch
         resume_from = self._prepare_out_dir(resume, force, branch)
         # Built on the CPU from the seed, so every rank starts from the same weights.
@@ -403,6 +422,7 @@ class Trainer:
                 "bytes": self.corpus.size_bytes,
                 "train_bytes": len(self.corpus.train),
                 "val_bytes": len(self.corpus.val),
+                **({"sources": self.sources} if self.sources else {}),
             },
             "nexus_version": __version__,
         }

@@ -1,0 +1,105 @@
+"""The prepared byte store: a source's documents concatenated once, with a separator, into one
+flat file of bytes plus a small JSON index in the Nexus cache, reused while the sources'
+fingerprint (paths, sizes, modification times, the reading settings) is unchanged. Training and
+evaluation read windows from it through a memory map, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nexus.cache import cache_dir
+from nexus.errors import NexusError
+from nexus.sources import SourceSpec, SourceSummary, documents
+
+DATA_FILE = "data.bin"
+INDEX_FILE = "index.json"
+STORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Store:
+    """A prepared store on disk: its bytes file and what went into it."""
+
+    directory: Path
+    index: dict[str, Any]
+
+    @property
+    def data_file(self) -> Path:
+        return self.directory / DATA_FILE
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.index["summary"]
+
+
+def fingerprint(spec: SourceSpec, separator: str) -> str:
+    """What the store depends on: every file's path, size and mtime, and the reading settings."""
+    entries = []
+    for path in spec.files():
+        try:
+            status = path.stat()
+        except OSError:
+            entries.append([str(path), None, None])  # unreadable: skipped, but it counts
+            continue
+        entries.append([str(path), status.st_size, status.st_mtime_ns])
+    settings = [STORE_VERSION, str(spec.path.resolve()), spec.text_field, spec.include,
+                spec.exclude, separator]  # fmt: skip
+    return hashlib.sha256(json.dumps([settings, entries]).encode()).hexdigest()
+
+
+def prepare(
+    spec: SourceSpec, separator: str = "\n\n", root: Path | None = None, log: Any = print
+) -> Store:
+    """The store for `spec`, prepared now unless an up-to-date one is in the cache. It appears
+    whole or not at all: it is written in a temp folder and renamed into place."""
+    key = fingerprint(spec, separator)
+    root = (cache_dir() / "stores") if root is None else Path(root)
+    target = root / key[:24]
+    if (target / INDEX_FILE).is_file():
+        index = json.loads((target / INDEX_FILE).read_text())
+        if index.get("fingerprint") == key:
+            return Store(target, index)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key[:24]}.", dir=root))
+    try:
+        summary = SourceSummary(str(spec.path))
+        joiner = separator.encode("utf-8")
+        with (staging / DATA_FILE).open("wb") as out:
+            for number, document in enumerate(documents(spec, summary)):
+                out.write(joiner + document if number else document)
+            out.flush()
+            os.fsync(out.fileno())
+        if summary.documents == 0:
+            raise NexusError(
+                f"data path {str(spec.path)!r} holds no text to train on "
+                f"({summary.describe()}); check --data and the include/exclude patterns"
+            )
+        if fingerprint(spec, separator) != key:
+            raise NexusError(
+                f"the files under {str(spec.path)!r} changed while they were being prepared; "
+                "run again once they are stable"
+            )
+        index = {
+            "fingerprint": key,
+            "version": STORE_VERSION,
+            "separator": separator,
+            "bytes": (staging / DATA_FILE).stat().st_size,
+            "summary": summary.to_dict(),
+        }
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        if target.exists():
+            shutil.rmtree(target)  # a stale or half-replaced store of the same key
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"prepared {target / DATA_FILE}: {summary.describe()}")
+    return Store(target, index)
