@@ -109,3 +109,17 @@ def test_a_run_trains_from_a_directory(text_corpus: Path, tmp_path: Path, monkey
     assert dataset["sources"]["documents"] == 3 and dataset["path"].endswith("data.bin")
     run = load_run(out)
     assert "3 documents from 4 files, 1 skipped (binary)" in render_report(run, run_forecast(run))
+
+
+def test_nexus_prepare_prints_the_summary(text_corpus: Path, tmp_path: Path, monkeypatch, capsys):
+    from nexus.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_tree(tmp_path / "notes", text_corpus)
+    assert main(["prepare", "--data", str(tmp_path / "notes")]) == 0
+    out = capsys.readouterr().out
+    assert "3 documents from 4 files" in out and "1 binary" in out and "1 hidden" in out
+    data_file = Path(out.split(":")[0])
+    assert data_file.is_relative_to(tmp_path / "xdg" / "nexus" / "stores")
+    assert main(["prepare", "--data", str(tmp_path / "absent")]) == 2
+    assert "absent' does not exist" in capsys.readouterr().err

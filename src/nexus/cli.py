@@ -1,5 +1,6 @@
 """The `nexus` command: info, train, eval, sample, report (the progress page, or --csv: the
-records as CSV), compare (runs side by side), export, import. Each subcommand is a thin layer over
+records as CSV), prepare (a data source into the store training reads), compare (runs side by
+side), export, import. Each subcommand is a thin layer over
 a library call; a user's mistake prints one line and exits non-zero (`--debug` shows the trace)."""
 
 from __future__ import annotations
@@ -132,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top_p", type=float)
     sample.add_argument("--seed", type=int, default=1337)
     sample.set_defaults(handler=run_sample)
+
+    prepare = commands.add_parser(
+        "prepare", help="prepare a directory, .jsonl or .gz source into the store training reads"
+    )
+    prepare.add_argument("--data", required=True, help="a directory, .jsonl or .gz file")
+    prepare.add_argument("--text_field", default=TrainConfig.text_field, help="JSON Lines field")
+    prepare.add_argument("--include", default=TrainConfig.include, help="name patterns to take")
+    prepare.add_argument("--exclude", default=TrainConfig.exclude, help="name patterns to skip")
+    prepare.add_argument("--doc_separator", default=TrainConfig.doc_separator)
+    prepare.set_defaults(handler=run_prepare)
 
     report = commands.add_parser(
         "report", help="write TRAINING_PROGRESS.md for a run directory, or its records as CSV"
@@ -311,6 +322,20 @@ def run_sample(args: argparse.Namespace) -> None:
     )
     sys.stdout.buffer.write(prompt + continuation + b"\n")
     sys.stdout.flush()
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from nexus.sources import SourceSpec
+    from nexus.store import prepare
+
+    spec = SourceSpec(Path(args.data).expanduser(), args.text_field, args.include, args.exclude)
+    store = prepare(spec, args.doc_separator, log=lambda message: None)
+    summary = store.summary
+    skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
+    print(
+        f"{store.data_file}: {summary['documents']:,} documents from {summary['files']:,} "
+        f"files, {store.index['bytes']:,} bytes; skipped: {skipped}"
+    )
 
 
 def run_report(args: argparse.Namespace) -> None:

@@ -95,7 +95,7 @@ def documents(spec: SourceSpec, summary: SourceSummary) -> Iterator[bytes]:
             continue
         try:
             read = _read(path, spec.text_field)
-        except PermissionError:
+        except OSError:  # permission denied, an I/O error, a dangling link: listed, not fatal
             summary.skip("unreadable", path)
             continue
         if read is None:
