@@ -123,3 +123,25 @@ def test_nexus_prepare_prints_the_summary(text_corpus: Path, tmp_path: Path, mon
     assert data_file.is_relative_to(tmp_path / "xdg" / "nexus" / "stores")
     assert main(["prepare", "--data", str(tmp_path / "absent")]) == 2
     assert "absent' does not exist" in capsys.readouterr().err
+
+
+def test_windows_read_from_a_store_equal_those_of_the_same_bytes_in_memory(
+    text_corpus: Path, tmp_path: Path
+):
+    from nexus.data import ByteCorpus, eval_batches, train_batch
+
+    store_file = tmp_path / "data.bin"
+    store_file.write_bytes(text_corpus.read_bytes())
+    stored = ByteCorpus.from_store(store_file, 32, "words")
+    loaded = ByteCorpus.from_file(text_corpus, 32)
+    assert (len(stored.train), len(stored.val)) == (len(loaded.train), len(loaded.val))
+    for step in (1, 7):
+        a = train_batch(stored, seed=3, step=step, micro_step=1, batch_size=5, seq_len=32)
+        b = train_batch(loaded, seed=3, step=step, micro_step=1, batch_size=5, seq_len=32)
+        assert all(x.equal(y) for x, y in zip(a, b, strict=True))
+    for x, y in zip(
+        eval_batches(stored.val, seed=3, n_batches=2, batch_size=4, seq_len=32),
+        eval_batches(loaded.val, seed=3, n_batches=2, batch_size=4, seq_len=32),
+        strict=True,
+    ):
+        assert x[0].equal(y[0]) and x[1].equal(y[1])
