@@ -145,3 +145,21 @@ def test_windows_read_from_a_store_equal_those_of_the_same_bytes_in_memory(
         strict=True,
     ):
         assert x[0].equal(y[0]) and x[1].equal(y[1])
+
+
+def test_val_data_validates_on_its_own_source(text_corpus: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps({"text": "queen " * 40 + str(i)}) for i in range(50)))
+    out = tmp_path / "run"
+    Trainer(tiny_config(text_corpus, out, val_data=str(held_out)), progress=False).run()
+    dataset = json.loads((out / "config.json").read_text())["dataset"]
+    texts = [json.loads(line)["text"].encode() for line in held_out.read_text().splitlines()]
+    expected_val = len(SEPARATOR.encode().join(texts))  # the records joined by a blank line
+    assert dataset["train_bytes"] == text_corpus.stat().st_size  # --data trains whole
+    assert dataset["val_bytes"] == expected_val and dataset["val_data"] == str(held_out)
+    run = load_run(out)
+    assert f"validated on `{held_out}`" in render_report(run, run_forecast(run))
+    with pytest.raises(NexusError, match="the validation data has 5 bytes"):
+        (tmp_path / "tiny.txt").write_text("hello")
+        Trainer(tiny_config(text_corpus, tmp_path / "r2", val_data=str(tmp_path / "tiny.txt")))

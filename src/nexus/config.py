@@ -269,6 +269,8 @@ class TrainConfig:
     data: str | None = None  # None: Tiny Shakespeare, resolved by nexus.data
     # A directory, .jsonl or .gz source: the JSON Lines field, the files a directory gives
     # (comma-separated name patterns), and what joins the documents in the prepared store.
+    # Validate on this source instead of the last 10 % of --data (which then trains whole).
+    val_data: str | None = None
     text_field: str = "text"
     include: str = "*"
     exclude: str = DEFAULT_EXCLUDE

@@ -66,6 +66,25 @@ class ByteCorpus:
     size_bytes: int
 
     @classmethod
+    def from_parts(
+        cls,
+        train: torch.Tensor | FileBytes,
+        val: torch.Tensor | FileBytes,
+        seq_len: int,
+        name: str,
+        path: Path,
+    ) -> ByteCorpus:
+        """Train and validation data from two sources (--val_data), each whole."""
+        _check_positive("seq_len", seq_len)
+        for what, part in (("training", train), ("validation", val)):
+            if len(part) < seq_len + 1:
+                raise NexusError(
+                    f"the {what} data has {len(part)} bytes, fewer than one window of "
+                    f"seq_len + 1 = {seq_len + 1} bytes; use more data or a smaller seq_len"
+                )
+        return cls(train=train, val=val, name=name, path=path, size_bytes=len(train) + len(val))
+
+    @classmethod
     def from_store(cls, data_file: Path, seq_len: int, name: str) -> ByteCorpus:
         """A prepared store, read window by window: memory does not grow with the corpus."""
         _check_positive("seq_len", seq_len)
@@ -119,6 +138,14 @@ class ByteCorpus:
                 "seq_len"
             )
         return n_train
+
+
+def whole_file(path: Path) -> torch.Tensor:
+    """A file's bytes in memory, as a uint8 tensor; a missing, empty or unreadable file is named."""
+    raw = _read_bytes(path)
+    if not raw:
+        raise NexusError(f"data file {str(path)!r} is empty; {_HOW_TO_GIVE_DATA} with text")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -411,6 +411,8 @@ def _dataset(dataset: dict[str, Any]) -> str:
     split = ""
     if isinstance(dataset.get("train_bytes"), int) and isinstance(dataset.get("val_bytes"), int):
         split = f"; {dataset['train_bytes']:,} train / {dataset['val_bytes']:,} val"
+    if isinstance(dataset.get("val_data"), str):
+        split += f"; validated on `{dataset['val_data']}`"
     sources = dataset.get("sources")
     if isinstance(sources, dict):
         skipped = sources.get("skipped") or {}

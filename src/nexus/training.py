@@ -33,7 +33,15 @@ from nexus.checkpoint import (
     weights_only_payload,
 )
 from nexus.config import ModelConfig, TrainConfig
-from nexus.data import ByteCorpus, dataset_name, eval_batches, resolve_dataset, train_batch
+from nexus.data import (
+    ByteCorpus,
+    FileBytes,
+    dataset_name,
+    eval_batches,
+    resolve_dataset,
+    train_batch,
+    whole_file,
+)
 from nexus.distributed import SINGLE_PROCESS, DistContext
 from nexus.errors import NexusError, TrainingInterrupted
 from nexus.generation import generate
@@ -229,21 +237,16 @@ class Trainer:
         # The data is checked first, so a mistake there never costs a run that --force clears.
         data_path = resolve_dataset(config.data)
         self.sources: dict[str, Any] | None = None  # what a prepared store was made of
-        if data_path.exists() and not is_plain_file(data_path):
-            spec = SourceSpec(data_path, config.text_field, config.include, config.exclude)
-            if dist.is_main:  # one process prepares; the others then find its store
-                store = prepare(spec, config.doc_separator, log=self._log)
-            dist.barrier()
-            if not dist.is_main:
-                store = prepare(spec, config.doc_separator, log=_quiet)
-            self.sources = store.summary
-            self.corpus = ByteCorpus.from_store(
-                store.data_file, self.model_config.seq_len, name=dataset_name(data_path)
-            )
+        seq_len, name = self.model_config.seq_len, dataset_name(data_path)
+        if config.val_data:
+            train, _ = self._source(data_path)
+            val, _ = self._source(Path(config.val_data).expanduser())
+            self.corpus = ByteCorpus.from_parts(train, val, seq_len, name, data_path)
+        elif data_path.exists() and not is_plain_file(data_path):
+            _, store_file = self._source(data_path)
+            self.corpus = ByteCorpus.from_store(store_file, seq_len, name=name)
         else:
-            self.corpus = ByteCorpus.from_file(
-                data_path, self.model_config.seq_len, name=dataset_name(data_path)
-            )
+            self.corpus = ByteCorpus.from_file(data_path, seq_len, name=name)
         self.branch: dict[str, Any] | None = None  # set when this resume starts a branch
         resume_from = self._prepare_out_dir(resume, force, branch)
         # Built on the CPU from the seed, so every rank starts from the same weights.
@@ -332,6 +335,22 @@ class Trainer:
                 self._log(f"no checkpoint in {run_dir.path} yet: the run starts again from step 0")
         self.dist.barrier()
         return resume_from
+
+    def _source(self, path: Path) -> tuple[torch.Tensor | FileBytes, Path]:
+        """A data source's bytes: a plain file in memory, anything else from its prepared store
+        (whose summary goes into config.json), with the file they come from."""
+        if path.exists() and not is_plain_file(path):
+            config = self.config
+            spec = SourceSpec(path, config.text_field, config.include, config.exclude)
+            if self.dist.is_main:  # one process prepares; the others then find its store
+                store = prepare(spec, config.doc_separator, log=self._log)
+            self.dist.barrier()
+            if not self.dist.is_main:
+                store = prepare(spec, config.doc_separator, log=_quiet)
+            self.sources = self.sources or store.summary
+            size = store.data_file.stat().st_size
+            return FileBytes(store.data_file, 0, size), store.data_file
+        return whole_file(path), path
 
     def _start_from_parent(self, source: str) -> None:
         from nexus.finetune import read_parent  # the Hugging Face reader loads only here
@@ -423,6 +442,7 @@ class Trainer:
                 "train_bytes": len(self.corpus.train),
                 "val_bytes": len(self.corpus.val),
                 **({"sources": self.sources} if self.sources else {}),
+                **({"val_data": self.config.val_data} if self.config.val_data else {}),
             },
             "nexus_version": __version__,
         }
