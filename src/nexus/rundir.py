@@ -57,6 +57,10 @@ def atomic_write(path: Path, payload: bytes) -> None:
         os.close(directory)
 
 
+def _as_json_lines(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(record) + "\n" for record in records).encode()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One run's directory. Creating the object touches nothing on disk."""
@@ -146,9 +150,6 @@ class RunDir:
             raise NexusError(f"{str(path)!r} has no 'train' table; it was not written by Nexus")
         return config
 
-    def write_config(self, record: dict[str, Any]) -> None:
-        atomic_write(self.config_file, (json.dumps(record, indent=2) + "\n").encode())
-
     # --- metrics.jsonl ----------------------------------------------------------------------
 
     def read_metrics(self) -> tuple[list[dict[str, Any]], int]:
@@ -185,7 +186,7 @@ class RunDir:
             return
         records, _ = self.read_metrics()
         kept = [r for r in records if r["step"] <= after and r.get("kind") != STOP_KIND]
-        atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        atomic_write(self.metrics_file, _as_json_lines(kept))
 
     # --- branching -----------------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ class RunDir:
         folder.mkdir()
         records, _ = self.read_metrics()
         later = [r for r in records if r["step"] > step]
-        atomic_write(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in later).encode())
+        atomic_write(folder / METRICS_FILE, _as_json_lines(later))
         moved = [s for s in self.checkpoint_steps() if s > step]
         for moved_step in moved:
             os.replace(self.checkpoint(moved_step), folder / self.checkpoint(moved_step).name)

@@ -1,7 +1,8 @@
 """The prepared byte store: a source's documents concatenated once, with a separator, into one
 flat file of bytes plus a small JSON index in the Nexus cache, reused while the sources'
 fingerprint (paths, sizes, modification times, the reading settings) is unchanged. Training and
-evaluation read windows from it through a memory map, so memory does not grow with the corpus.
+evaluation read windows from it one at a time (nexus.data.FileBytes), so memory does not grow
+with the corpus.
 """
 
 from __future__ import annotations
