@@ -289,6 +289,7 @@ class Trainer:
             raise NexusError(f"--out_dir {str(run_dir.path)!r} is a file; pass a directory")
         has_run = run_dir.holds_run()
         resume_from: Path | None = None
+        step = None  # of the checkpoint --resume PATH names
         if resume is True:
             resume_from = run_dir.latest_checkpoint()
             if resume_from is None and not run_dir.config_file.is_file():
@@ -328,8 +329,8 @@ class Trainer:
             if has_run and force and not resume:
                 run_dir.clear()
             run_dir.remove_stale_temp_files()
-            if branch and resume_from is not None:
-                self._branch_from(resume_from)
+            if branch and step is not None:
+                self._branch_from(step)
             if resume is True and resume_from is None:
                 self._truncate_metrics(after=0)
                 self._log(f"no checkpoint in {run_dir.path} yet: the run starts again from step 0")
@@ -362,10 +363,9 @@ class Trainer:
         step = f" step {parent.step}" if parent.step is not None else ""
         self._log(f"weights from {parent.path}{step} (sha256 {parent.checksum[:12]}…)")
 
-    def _branch_from(self, checkpoint: Path) -> None:
-        """Start a branch at `checkpoint`: the run's later checkpoints and records move into
-        an abandoned-<time>/ folder, and config.json notes the branch."""
-        step = read_meta(checkpoint)["step"]
+    def _branch_from(self, step: int) -> None:
+        """Start a branch at `step`: the run's later checkpoints and records move into an
+        abandoned-<time>/ folder, and config.json notes the branch."""
         try:
             best_step = int(read_header(self.run_dir.best_file)["step"])
         except (NexusError, KeyError, ValueError):
