@@ -5,7 +5,6 @@ step, data or out_dir; the run records its parent (path, step, checksum)."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from nexus.checkpoint import load_checkpoint, model_from_checkpoint, read_header, read_meta
 from nexus.config import ModelConfig, TrainConfig, preset_for
 from nexus.errors import NexusError
-from nexus.hf import model_config_from_jamba, model_from_hf
+from nexus.hf import model_config_from_jamba, model_from_hf, read_jamba_config
 from nexus.model import NexusLM
 
 NEXUS_CHECKPOINT = "nexus-checkpoint"
@@ -43,18 +42,12 @@ def read_parent(source: str | Path) -> Parent:
     """The parent at `source`, read and checked; a NexusError names what is wrong with it."""
     path = Path(source)
     if path.is_dir():
-        config_file = path / "config.json"
-        try:
-            hf_config = json.loads(config_file.read_text())
-        except FileNotFoundError:
+        if not (path / "config.json").exists():
             raise NexusError(
                 f"--init_from {str(path)!r} is a directory without config.json; pass a Nexus "
                 "checkpoint (.bin) or a Hugging Face Jamba directory"
-            ) from None
-        except (OSError, json.JSONDecodeError) as error:
-            raise NexusError(f"{str(config_file)!r} is unreadable ({error})") from None
-        if not isinstance(hf_config, dict):
-            raise NexusError(f"{str(config_file)!r} does not hold a JSON object")
+            )
+        hf_config = read_jamba_config(path)
         digest = hashlib.sha256()
         for weights in sorted(path.glob("*.safetensors")):
             digest.update(weights.read_bytes())

@@ -493,14 +493,8 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def model_from_hf(hf_dir: str | Path, seq_len: int | None = None) -> NexusLM:
-    """The Nexus model a Hugging Face Jamba directory holds, in float32.
-
-    `seq_len` (Nexus's training and eval window) defaults to the one a Nexus export recorded,
-    else 128: Jamba itself has no positional limit."""
-    source = Path(hf_dir)
-    if not source.is_dir():
-        raise NexusError(f"{str(source)!r} is not a directory; pass a Hugging Face model directory")
+def read_jamba_config(source: Path) -> dict[str, Any]:
+    """A Hugging Face directory's config.json as a dict; a NexusError says what is wrong."""
     try:
         hf_config = json.loads((source / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -509,6 +503,18 @@ def model_from_hf(hf_dir: str | Path, seq_len: int | None = None) -> NexusLM:
         raise NexusError(f"{str(source / CONFIG_FILE)!r} is unreadable ({error})") from None
     if not isinstance(hf_config, dict):
         raise NexusError(f"{str(source / CONFIG_FILE)!r} does not hold a JSON object")
+    return hf_config
+
+
+def model_from_hf(hf_dir: str | Path, seq_len: int | None = None) -> NexusLM:
+    """The Nexus model a Hugging Face Jamba directory holds, in float32.
+
+    `seq_len` (Nexus's training and eval window) defaults to the one a Nexus export recorded,
+    else 128: Jamba itself has no positional limit."""
+    source = Path(hf_dir)
+    if not source.is_dir():
+        raise NexusError(f"{str(source)!r} is not a directory; pass a Hugging Face model directory")
+    hf_config = read_jamba_config(source)
     config = model_config_from_jamba(hf_config, seq_len)
 
     tensors = {}
