@@ -1,7 +1,8 @@
-"""The `nexus` command: info, train, eval, sample, report (the progress page, or --csv: the
-records as CSV), prepare (a data source into the store training reads), compare (runs side by
-side), export, import. Each subcommand is a thin layer over
-a library call; a user's mistake prints one line and exits non-zero (`--debug` shows the trace)."""
+"""The `nexus` command: info, train, eval, sample, chat, serve (an OpenAI-compatible server),
+report (the progress page, or --csv: the records as CSV), prepare (a data source into the
+store training reads), compare (runs side by side), export, import. Each subcommand is a thin
+layer over a library call; a user's mistake prints one line and exits non-zero (`--debug`
+shows the trace)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"nexus: error: {message}; see `{self.prog} --help`\n")
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k likeliest bytes (0: all)")
+    parser.add_argument(
+        "--top_p", type=float, default=1.0, help="keep the likeliest bytes up to this mass"
+    )
+
+
+def sampling_from(args: argparse.Namespace) -> Any:
+    from nexus.sampling import Sampling
+
+    try:
+        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as error:
+        raise NexusError(f"--{error}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="nexus", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -124,15 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=run_eval)
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+    sample = commands.add_parser("sample", help="generate text from a checkpoint, streamed")
     sample.add_argument("checkpoint")
     sample.add_argument("--prompt", default="To be")
-    sample.add_argument("--max_new_tokens", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    sample.add_argument("--top_k", type=int)
-    sample.add_argument("--top_p", type=float)
-    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--max_new_tokens", type=int, default=200, help="bytes to generate")
+    add_sampling_arguments(sample)
+    sample.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i")
+    sample.add_argument("--num_samples", type=int, default=1)
+    sample.add_argument(
+        "--stop", action="append", default=[], help="end a sample where this text appears"
+    )
+    sample.add_argument(
+        "--json", action="store_true", help="one JSON object per sample: text, bytes/s, settings"
+    )
     sample.set_defaults(handler=run_sample)
+
+    chat = commands.add_parser("chat", help="talk to a checkpoint in the terminal, streamed")
+    chat.add_argument("checkpoint")
+    add_sampling_arguments(chat)
+    chat.add_argument("--seed", type=int, default=1337)
+    chat.set_defaults(handler=run_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible completions server")
+    serve.add_argument("checkpoint")
+    serve.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=run_serve)
 
     prepare = commands.add_parser(
         "prepare", help="prepare a directory, .jsonl or .gz source into the store training reads"
@@ -295,33 +330,73 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"step {checkpoint.step}: val loss {val_loss:.4f}, val ppl {result['val_ppl']:.2f}")
 
 
-def run_sample(args: argparse.Namespace) -> None:
-    from nexus.generation import generate
+def run_sample(args: argparse.Namespace) -> int:
+    """Each sample streams to stdout as it is made (a UTF-8 character is never split; bytes that
+    are not UTF-8 show as U+FFFD); Ctrl-C ends it there, keeping what was written."""
+    import time
+
+    from nexus.generation import as_text, stream
 
     if args.max_new_tokens < 0:
         raise NexusError("--max_new_tokens must be >= 0")
-    if args.temperature < 0:
-        raise NexusError("--temperature must be >= 0 (0 means greedy)")
-    if args.top_k is not None and args.top_k <= 0:
-        raise NexusError("--top_k must be a positive integer")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise NexusError("--top_p must be in (0, 1]")
+    if args.num_samples < 1:
+        raise NexusError("--num_samples must be >= 1")
+    sampling = sampling_from(args)
     model, _ = load_model_for_use(args.checkpoint)
     prompt = os.fsencode(args.prompt)  # the bytes as given, even when not valid UTF-8
-    import torch
+    stop = [os.fsencode(text) for text in args.stop]
+    out = sys.stdout.buffer
+    for index in range(args.num_samples):
+        seed = args.seed + index
+        if args.num_samples > 1 and not args.json:
+            out.write(f"--- sample {index + 1} of {args.num_samples} (seed {seed})\n".encode())
+        started, produced = time.perf_counter(), []
+        pieces = stream(model, prompt, args.max_new_tokens, sampling, seed=seed, stop=stop)
+        try:
+            for text in as_text(_recorded(pieces, produced), prefix=prompt):
+                if not args.json:
+                    out.write(text.encode())
+                    out.flush()
+        except KeyboardInterrupt:
+            out.write(b"\n")
+            out.flush()
+            print(f"nexus: stopped after {len(b''.join(produced))} bytes", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        seconds = time.perf_counter() - started
+        continuation = b"".join(produced)
+        if args.json:
+            record = {
+                "prompt": prompt.decode(errors="replace"),
+                "text": continuation.decode(errors="replace"),
+                "bytes": len(continuation),
+                "seconds": round(seconds, 4),
+                "bytes_per_s": round(len(continuation) / seconds, 1) if seconds > 0 else None,
+                "seed": seed,
+                "settings": {**vars(sampling), "max_new_tokens": args.max_new_tokens},
+            }
+            out.write(json.dumps(record).encode() + b"\n")
+        else:
+            out.write(b"\n")
+        out.flush()
+    return 0
 
-    torch.manual_seed(args.seed)
-    continuation = generate(
-        model,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    sys.stdout.buffer.write(prompt + continuation + b"\n")
-    sys.stdout.flush()
+
+def _recorded(chunks: Any, into: list[bytes]) -> Any:
+    for chunk in chunks:
+        into.append(chunk)
+        yield chunk
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from nexus.chat import run
+
+    return run(args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from nexus.serve import run
+
+    return run(args)
 
 
 def run_prepare(args: argparse.Namespace) -> None:

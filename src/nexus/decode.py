@@ -7,7 +7,8 @@ Mamba-2 or attention, each with its MLP), the final norm and the head in one com
 per byte, on the weights copied once per generation into one flat float32 buffer, with the
 caches (conv windows, SSM states, a preallocated key/value buffer of the full length)
 updated in place.
-Greedy decoding loops inside the kernel too, so it costs no Python per byte. What is left
+Picking the next byte (greedy or sampled, `nexus.sampling.pick_numba`) runs inside the kernel
+too, and `Decoder.generate` loops there, so a byte costs no Python. What is left
 is reading the weights (27 MB per byte at nexus-6m): the kernel runs at the speed of its
 matrix-vector products alone.
 
@@ -25,6 +26,10 @@ from torch import Tensor
 
 from nexus import scan
 from nexus.model import AttentionState, Mamba2Mixer, Mamba2State, MambaMixer, MambaState, NexusLM
+from nexus.sampling import Draws, Sampling
+
+if scan.numba is not None:
+    from nexus.sampling import pick_numba
 
 FAST_DECODE_ENABLED: bool = scan.numba is not None
 """Whether generation may use the numba decoder (False when numba is missing/disabled)."""
@@ -36,6 +41,8 @@ MAMBA1, MAMBA2, ATTENTION = 0, 1, 2
 # ones cost less than a parallel launch (~1 µs) saves.
 _PARALLEL_MIN_WEIGHTS = 16384
 _MATVEC_PARTS = 2
+
+_GREEDY = Sampling(temperature=0.0)
 
 KERNEL_PREFILL_MAX = 32
 """Prompts up to this many bytes are prefilled by the kernel, longer ones by PyTorch."""
@@ -114,7 +121,7 @@ class _Packed:
 class Decoder:
     """Batch-1 recurrent decoding of `model` for up to `max_len` positions (prompt included).
 
-    `prefill` the prompt, then `step` one byte at a time or run `greedy`. Reads the model's
+    `prefill` the prompt, then `step` one byte at a time or `generate`. Reads the model's
     weights as they were at construction."""
 
     def __init__(self, model: NexusLM, max_len: int, threads: int | None = None) -> None:
@@ -170,7 +177,7 @@ class Decoder:
         self.length = 0
         if len(prompt) <= KERNEL_PREFILL_MAX:
             for token in prompt:
-                self._run(token, 1, greedy=False)
+                self._run(token, 1, _GREEDY, None)
             return torch.from_numpy(self.logits)
         logits, cache = self.model.prefill(torch.tensor([prompt], dtype=torch.long))
         T = len(prompt)
@@ -188,31 +195,38 @@ class Decoder:
         self.logits[:] = logits[0, -1].numpy()
         return torch.from_numpy(self.logits)
 
-    def _run(self, token: int, count: int, greedy: bool) -> np.ndarray:
+    def _run(self, token: int, count: int, sampling: Sampling, draws: Draws | None) -> np.ndarray:
         if self.length + count > self.max_len:
             raise ValueError(f"the decoder holds {self.max_len} positions")
         picks = np.zeros(count, dtype=np.int64)
         p = self.packed
+        draw_state = draws.state if draws is not None else np.zeros(1, dtype=np.uint64)
         scan.use_numba_threads(self.threads)
         _decode(
             p.weights, p.offsets, p.bases, p.kinds, self.dims, self.state, self.state_offsets,
-            self.eps, self.min_arg, self.tiny, token, self.length, count, greedy, picks,
-            self.logits,
+            self.eps, self.min_arg, self.tiny, token, self.length, count,
+            np.float64(sampling.temperature), sampling.top_k, np.float64(sampling.top_p),
+            draw_state, picks, self.logits,
         )  # fmt: skip
         self.length += count
         return picks
 
     def step(self, token: int) -> Tensor:
         """Feed one byte; the next position's logits (vocab,), a buffer the next call reuses."""
-        self._run(token, 1, greedy=False)
+        self._run(token, 1, _GREEDY, None)
         return torch.from_numpy(self.logits)
 
-    def greedy(self, token: int, count: int) -> list[int]:
-        """Feed `token`, then `count - 1` times the argmax of the last logits; the `count`
-        argmax picks (the last one is not fed)."""
+    def pick(self, sampling: Sampling, draws: Draws) -> int:
+        """The pick from the last logits (after `prefill` or `step`), as the kernel picks."""
+        return int(pick_numba(self.logits, sampling.temperature, sampling.top_k,
+                              sampling.top_p, draws.state))  # fmt: skip
+
+    def generate(self, token: int, count: int, sampling: Sampling, draws: Draws) -> list[int]:
+        """Feed `token`, then `count - 1` times the pick from the last logits; the `count`
+        picks (the last one is not fed). Loops inside the kernel: no Python per byte."""
         if count <= 0:
             return []
-        return self._run(token, count, greedy=True).tolist()
+        return self._run(token, count, sampling, draws).tolist()
 
 
 if scan.numba is not None:
@@ -444,10 +458,10 @@ if scan.numba is not None:
     @_jit(fastmath=_FASTMATH)
     def _decode(
         W, off, bases, kinds, dims, state, state_off, eps, min_arg, tiny, token, length, count,
-        greedy, picks, logits,
+        temperature, top_k, top_p, draw_state, picks, logits,
     ):  # fmt: skip
-        """Feed `token` at position `length` and `count - 1` more (each the argmax of the
-        logits before it when greedy); logits gets the last position's, picks the argmaxes."""
+        """Feed `token` at position `length` and `count - 1` more, each the pick (see
+        nexus.sampling) from the logits before it; logits gets the last position's."""
         vocab, d = dims[_VOCAB], dims[_D_MODEL]
         embed = _param(W, off, _EMBED).reshape((vocab, d))
         hidden = np.empty(d, dtype=np.float32)
@@ -476,10 +490,5 @@ if scan.numba is not None:
                     hidden[j] += mixed[j]
             _rmsnorm(hidden, _param(W, off, _FINAL_NORM), eps, xn)
             _matvec(_param(W, off, _HEAD), vocab, d, xn, logits)
-            best = 0
-            for j in range(1, vocab):
-                if logits[j] > logits[best]:
-                    best = j
-            picks[i] = best
-            if greedy:
-                token = best
+            token = pick_numba(logits, temperature, top_k, top_p, draw_state)
+            picks[i] = token

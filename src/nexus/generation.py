@@ -1,116 +1,193 @@
-"""Text generation with the recurrent cache: temperature, top-k, top-p and a seed."""
+"""Text generation with the recurrent cache: a `Session` is fed bytes and streams the model's
+continuation a byte at a time, picked by the rule of `nexus.sampling`; `generate` and `stream`
+do one prompt."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import codecs
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
 
 from nexus import decode
 from nexus.model import NexusLM
+from nexus.sampling import Draws, Sampling, pick_torch
 
 
-def sample_next(
-    logits: Tensor,
+@contextmanager
+def _one_torch_thread(on_cpu: bool) -> Iterator[None]:
+    """PyTorch's batch-1 decode operations are too small to share between threads: a second
+    one only adds synchronisation, which costs whole time slices on a busy machine."""
+    threads = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on_cpu:
+            torch.set_num_threads(threads)
+
+
+class Session:
+    """One sequence being decoded, up to `max_len` positions: `feed` it bytes (a prompt, a
+    user's turn), `stream` the continuation, feed more, and so on; `reset` empties it.
+
+    A float32 model on the CPU runs in the numba kernel of `nexus.decode` (the whole loop of
+    step and pick inside it, its matrix products on torch's thread count at construction), any
+    other model with `NexusLM.step`. Both pick with `nexus.sampling`, so a seed gives the same
+    bytes on either path and on any thread count."""
+
+    def __init__(self, model: NexusLM, max_len: int) -> None:
+        self.model = model.eval()
+        self.max_len = max_len
+        self.on_cpu = next(model.parameters()).device.type == "cpu"
+        self.decoder = (
+            decode.Decoder(model, max_len, threads=torch.get_num_threads())
+            if decode.supported(model)
+            else None
+        )
+        self.length = 0  # positions fed so far
+        self._unfed: int | None = None  # the last streamed byte: in the text, not yet fed
+        self._cache = None  # NexusLM.step's, off the fast path
+        self._logits: torch.Tensor | None = None  # (1, vocab), off the fast path
+
+    @property
+    def room(self) -> int:
+        """How many more bytes fit (what `stream` has produced and not fed counts as fed)."""
+        return self.max_len - self.length - (self._unfed is not None)
+
+    def reset(self) -> None:
+        self.length, self._unfed, self._cache, self._logits = 0, None, None, None
+
+    def feed(self, data: bytes) -> None:
+        """Append `data` to the sequence; the first feed after a reset prefills."""
+        if len(data) > self.room:
+            raise ValueError(f"{len(data)} bytes do not fit: {self.room} of {self.max_len} left")
+        tokens = ([self._unfed] if self._unfed is not None else []) + list(data)
+        self._unfed = None
+        if not tokens:
+            return
+        with torch.no_grad(), _one_torch_thread(self.on_cpu):
+            if self.length == 0:
+                self._prefill(tokens)
+            else:
+                for token in tokens:
+                    self._step(token)
+        self.length += len(tokens)
+
+    def stream(
+        self, count: int, sampling: Sampling, draws: Draws, stop: Sequence[bytes] = ()
+    ) -> Iterator[bytes]:
+        """Up to `count` new bytes, one at a time; none before anything was fed. With `stop`,
+        generation ends where one of those byte strings is complete, and it is not yielded;
+        bytes that could begin one are held back until they cannot."""
+        if self.length == 0 and self._unfed is None:
+            raise ValueError("feed the session a prompt first")
+        count = min(count, self.room)
+        held = b""
+        for token in self._picks(count, sampling, draws):
+            held += bytes([token])
+            if any(s and held.endswith(s) for s in stop):
+                return
+            keep = max((_overlap(held, s) for s in stop), default=0)
+            if len(held) > keep:
+                yield held[: len(held) - keep]
+                held = held[len(held) - keep :]
+        if held:
+            yield held
+
+    def _picks(self, count: int, sampling: Sampling, draws: Draws) -> Iterator[int]:
+        """`count` picks, each fed before the next is made (the last stays in `_unfed`)."""
+        for _ in range(count):
+            if self._unfed is not None:
+                token, self._unfed = self._unfed, None
+                if self.decoder is not None:
+                    # One kernel call feeds it and makes the next pick: no Python in between.
+                    (self._unfed,) = self.decoder.generate(token, 1, sampling, draws)
+                    self.length += 1
+                    yield self._unfed
+                    continue
+                with torch.no_grad(), _one_torch_thread(self.on_cpu):
+                    self._step(token)
+                self.length += 1
+            self._unfed = self._pick(sampling, draws)
+            yield self._unfed
+
+    def _pick(self, sampling: Sampling, draws: Draws) -> int:
+        if self.decoder is not None:
+            return self.decoder.pick(sampling, draws)
+        assert self._logits is not None
+        return int(pick_torch(self._logits, sampling, draws)[0])
+
+    def _prefill(self, tokens: list[int]) -> None:
+        if self.decoder is not None:
+            self.decoder.prefill(tokens)
+            return
+        device = next(self.model.parameters()).device
+        logits, self._cache = self.model.prefill(torch.tensor([tokens], device=device))
+        self._logits = logits[:, -1]
+
+    def _step(self, token: int) -> None:
+        if self.decoder is not None:
+            self.decoder.step(token)
+            return
+        device = next(self.model.parameters()).device
+        token_tensor = torch.tensor([token], dtype=torch.long, device=device)
+        self._logits, self._cache = self.model.step(token_tensor, self._cache)
+
+
+def _overlap(text: bytes, stop: bytes) -> int:
+    """The length of the longest end of `text` that is a proper beginning of `stop`."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0
+
+
+def stream(
+    model: NexusLM,
+    prompt: bytes,
+    max_new_tokens: int,
+    sampling: Sampling,
     *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Pick the next byte for each row of logits (B, vocab); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a byte when the bytes ranked above it already reach top_p; the best always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    seed: int = 0,
+    stop: Sequence[bytes] = (),
+) -> Iterator[bytes]:
+    """The prompt's continuation, streamed (see `Session.stream`). An empty prompt is a line
+    break: the model needs one byte to condition on."""
+    if max_new_tokens <= 0:
+        return iter(())
+    prompt = prompt or b"\n"
+    session = Session(model, len(prompt) + max_new_tokens)
+    session.feed(prompt)
+    return session.stream(max_new_tokens, sampling, Draws(seed), stop)
 
 
-@torch.no_grad()
+def as_text(chunks: Iterable[bytes], prefix: bytes = b"") -> Iterator[str]:
+    """Text pieces of `prefix` and then a byte stream, never splitting a UTF-8 character;
+    bytes that are not UTF-8 become U+FFFD, as Python's errors="replace" decides."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in itertools.chain([prefix], chunks):
+        text = decoder.decode(chunk)
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 def generate(
     model: NexusLM,
     prompt: bytes,
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> bytes:
-    """The prompt's continuation (new bytes only), one cached step per byte.
-
-    A float32 model on the CPU decodes with the numba kernel of `nexus.decode` (greedy
-    decoding entirely inside it, its large matrix-vector products on the caller's torch thread
-    count), any other with `NexusLM.step`. On the CPU, PyTorch runs one intra-op thread
-    meanwhile (restored after): its batch-1 operations are too small to share, and a second
-    thread only adds synchronisation, which costs whole time slices on a busy machine."""
-    if not prompt:
-        prompt = b"\n"  # the model needs one byte to condition on
-    if max_new_tokens <= 0:
-        return b""
-    generator = torch.Generator(device="cpu")
-    if seed is not None:
-        generator.manual_seed(seed)
-
-    def pick(logits: Tensor) -> int:
-        token = sample_next(
-            logits.cpu(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )
-        return int(token[0])
-
-    was_training, threads = model.training, torch.get_num_threads()
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    model.eval()
-    if on_cpu:
-        torch.set_num_threads(1)
-    try:
-        if decode.supported(model):
-            return _generate_fast(
-                model, prompt, max_new_tokens, pick, greedy=temperature == 0, threads=threads
-            )
-        return _generate_stepwise(model, prompt, max_new_tokens, pick)
-    finally:
-        model.train(was_training)
-        if on_cpu:
-            torch.set_num_threads(threads)
-
-
-def _generate_fast(
-    model: NexusLM,
-    prompt: bytes,
-    count: int,
-    pick: Callable[[Tensor], int],
-    greedy: bool,
-    threads: int,
-) -> bytes:
-    decoder = decode.Decoder(model, len(prompt) + count, threads=threads)
-    new_bytes = [pick(decoder.prefill(list(prompt))[None])]
-    if greedy:
-        return bytes(new_bytes + decoder.greedy(new_bytes[0], count - 1))
-    while len(new_bytes) < count:  # no step for the last byte: nothing reads its logits
-        new_bytes.append(pick(decoder.step(new_bytes[-1])[None]))
-    return bytes(new_bytes)
-
-
-def _generate_stepwise(
-    model: NexusLM, prompt: bytes, count: int, pick: Callable[[Tensor], int]
-) -> bytes:
-    device = next(model.parameters()).device
-    logits, cache = model.prefill(torch.tensor([list(prompt)], dtype=torch.long, device=device))
-    new_bytes = [pick(logits[:, -1])]
-    while len(new_bytes) < count:
-        token = torch.tensor([new_bytes[-1]], dtype=torch.long, device=device)
-        logits, cache = model.step(token, cache)
-        new_bytes.append(pick(logits))
-    return bytes(new_bytes)
+    """The prompt's continuation (new bytes only)."""
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    return b"".join(stream(model, prompt, max_new_tokens, sampling, seed=seed))
