@@ -1,17 +1,25 @@
 """Your own data: a directory walked with its hidden, binary and unmatched files skipped and
 counted, JSON Lines and gzip sources, the prepared store (bytes equal to the documents joined,
-reused while the sources are unchanged, rebuilt when they change), the errors for bad input,
-and a run that trains from a directory through the memory map."""
+reused while the sources are unchanged, rebuilt when they change), the errors for bad input
+(an unreadable file skipped and listed, sources that change while they are read, a disk that
+fills up while the store is written), and a run that trains from a directory."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import nexus.sources as sources
 from conftest import tiny_config
+from nexus.cli import main
 from nexus.errors import NexusError
 from nexus.report import load_run, render_report, run_forecast
 from nexus.sources import SourceSpec
@@ -19,6 +27,25 @@ from nexus.store import prepare
 from nexus.training import Trainer
 
 SEPARATOR = "\n\n"
+PYTHON = sys.executable
+WITHOUT_ROOT_READ = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(77)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+# The kernel's own "disk full": a file-size limit. With SIGXFSZ ignored (as Python sets it)
+# the write that crosses it fails with EFBIG, as a write to a full disk fails with ENOSPC;
+# with the signal's default action the process is killed mid-write, as by a power cut.
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[1] == "ignored" else signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+from nexus.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def make_tree(root: Path, text_corpus: Path) -> list[bytes]:
@@ -112,8 +139,6 @@ def test_a_run_trains_from_a_directory(text_corpus: Path, tmp_path: Path, monkey
 
 
 def test_nexus_prepare_prints_the_summary(text_corpus: Path, tmp_path: Path, monkeypatch, capsys):
-    from nexus.cli import main
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     make_tree(tmp_path / "notes", text_corpus)
     assert main(["prepare", "--data", str(tmp_path / "notes")]) == 0
@@ -123,6 +148,120 @@ def test_nexus_prepare_prints_the_summary(text_corpus: Path, tmp_path: Path, mon
     assert data_file.is_relative_to(tmp_path / "xdg" / "nexus" / "stores")
     assert main(["prepare", "--data", str(tmp_path / "absent")]) == 2
     assert "absent' does not exist" in capsys.readouterr().err
+
+
+def test_an_unreadable_file_in_a_directory_is_skipped_and_listed(text_corpus: Path, tmp_path):
+    """Skipped, not refused: one file a user cannot read should not stop a run over thousands;
+    the summary (printed, in config.json and the report) counts it and names it."""
+    kept = make_tree(tmp_path / "notes", text_corpus)
+    secret = tmp_path / "notes" / "a" / "secret.txt"
+    secret.write_bytes(b"private text " * 50)
+    secret.chmod(0)
+    gone = tmp_path / "notes" / "c" / "gone.txt"
+    gone.symlink_to(tmp_path / "nowhere.txt")  # a dangling link: unreadable to anyone
+    command = ["-m", "nexus", "prepare", "--data", str(tmp_path / "notes")]
+    if os.geteuid() == 0:
+        command = ["-c", WITHOUT_ROOT_READ, *command]
+    result = subprocess.run(
+        [PYTHON, *command], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )  # fmt: skip
+    if result.returncode == 77:
+        pytest.skip("root here cannot give up CAP_DAC_OVERRIDE, so no file is unreadable to it")
+    assert result.returncode == 0, result.stderr
+    assert "3 documents from 4 files" in result.stdout and "2 unreadable" in result.stdout
+    data_file = Path(result.stdout.split(":")[0])
+    assert data_file.read_bytes() == SEPARATOR.encode().join(kept)
+    summary = json.loads((data_file.parent / "index.json").read_text())["summary"]
+    assert sorted(summary["skipped_examples"]["unreadable"]) == [str(secret), str(gone)]
+
+
+@pytest.mark.parametrize("change", ["appended", "rewritten, same size", "added", "removed"])
+def test_sources_changed_while_preparing_are_refused_by_name(
+    text_corpus: Path, tmp_path: Path, monkeypatch, capsys, change
+):
+    """Another program writes to the tree while `nexus prepare` reads it: right after the first
+    file is read (its bytes already copied into the staging store), the change happens on
+    disk. The refusal names the file; nothing is published; the rerun takes the new text."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    notes = tmp_path / "notes"
+    make_tree(notes, text_corpus)
+    first, later = notes / "a" / "b" / "two.md", notes / "c" / "three.txt"
+    changed = {"added": notes / "c" / "new.txt", "removed": later}.get(change, first)
+    read_bytes = sources._bytes
+
+    def read_then_change(path: Path) -> bytes:
+        data = read_bytes(path)
+        if path == first:
+            if change == "appended":
+                with first.open("ab") as file:
+                    file.write(b" and one more line")
+            elif change == "rewritten, same size":
+                time.sleep(0.02)  # past the file system's timestamp tick: only the mtime moves
+                first.write_bytes(data.upper())
+            elif change == "added":
+                changed.write_text("a file that appeared mid-way")
+            else:
+                later.unlink()
+        return data
+
+    monkeypatch.setattr(sources, "_bytes", read_then_change)
+    assert main(["prepare", "--data", str(notes)]) == 2
+    assert capsys.readouterr().err == (
+        f"nexus: error: {str(changed)!r} changed while {str(notes)!r} was being prepared; "
+        "nothing was kept: run again once the files are stable\n"
+    )
+    assert list((tmp_path / "xdg" / "nexus" / "stores").iterdir()) == []
+    monkeypatch.setattr(sources, "_bytes", read_bytes)  # the files are stable now
+    assert main(["prepare", "--data", str(notes)]) == 0
+    text_files = ["a/b/two.md", "a/one.txt", "c/new.txt", "c/three.txt"]  # in the store's order
+    now = [(notes / name).read_bytes() for name in text_files if (notes / name).exists()]
+    assert Path(capsys.readouterr().out.split(":")[0]).read_bytes() == SEPARATOR.encode().join(now)
+
+
+@pytest.mark.parametrize("sigxfsz", ["ignored", "default"])
+def test_a_full_disk_while_writing_the_store_leaves_no_store_to_use(
+    text_corpus: Path, tmp_path: Path, monkeypatch, capsys, sigxfsz
+):
+    """A real write failure from the kernel part-way through data.bin. Either the write fails
+    (one line, exit 2, the staging folder removed) or the process dies mid-write (its staging
+    folder stays, unnamed, and is never read); the next prepare with room builds the store."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    notes = tmp_path / "notes"
+    expected = SEPARATOR.encode().join(make_tree(notes, text_corpus))
+    limit = 16_000
+    assert len(expected) > 2 * limit
+    result = subprocess.run(
+        [PYTHON, "-c", FILE_SIZE_LIMIT, sigxfsz, str(limit), "prepare", "--data", str(notes)],
+        capture_output=True, text=True, timeout=60, env=os.environ,
+    )  # fmt: skip
+    stores = tmp_path / "xdg" / "nexus" / "stores"
+    assert result.stdout == ""
+    if sigxfsz == "ignored":
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"nexus: error: could not write the prepared store under {str(stores)!r} (File "
+            "too large); nothing was kept: free disk space there or point XDG_CACHE_HOME at a "
+            "disk with room, then run again\n"
+        )
+        assert list(stores.iterdir()) == []
+    else:
+        assert result.returncode == -signal.SIGXFSZ
+        [staging] = stores.iterdir()
+        assert staging.name.startswith(".") and not (staging / "index.json").exists()
+        assert (staging / "data.bin").stat().st_size == limit  # the half store, cut off
+    assert main(["prepare", "--data", str(notes)]) == 0
+    data_file = Path(capsys.readouterr().out.split(":")[0])
+    assert data_file.read_bytes() == expected and not data_file.parent.name.startswith(".")
+    if sigxfsz == "ignored":  # and a run trains on the store the rerun made
+        out = tmp_path / "run"
+        config = tiny_config(
+            notes, out, max_steps=2, eval_interval=2, eval_batches=1, micro_batch=2, grad_accum=1
+        )
+        last = Trainer(config, progress=False).run()
+        assert last["step"] == 2 and last["val_loss"] < 6.0
+        dataset = json.loads((out / "config.json").read_text())["dataset"]
+        assert dataset["path"] == str(data_file) and dataset["sources"]["documents"] == 3
 
 
 def test_windows_read_from_a_store_equal_those_of_the_same_bytes_in_memory(

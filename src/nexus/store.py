@@ -41,8 +41,9 @@ class Store:
         return self.index["summary"]
 
 
-def fingerprint(spec: SourceSpec, separator: str) -> str:
-    """What the store depends on: every file's path, size and mtime, and the reading settings."""
+def file_states(spec: SourceSpec) -> list[list]:
+    """Every file's path, size and mtime (None, None for one that cannot be read): what tells
+    that the sources changed."""
     entries = []
     for path in spec.files():
         try:
@@ -51,9 +52,21 @@ def fingerprint(spec: SourceSpec, separator: str) -> str:
             entries.append([str(path), None, None])  # unreadable: skipped, but it counts
             continue
         entries.append([str(path), status.st_size, status.st_mtime_ns])
+    return entries
+
+
+def fingerprint(spec: SourceSpec, separator: str, states: list[list]) -> str:
+    """What the store depends on: the files' states and the reading settings."""
     settings = [STORE_VERSION, str(spec.path.resolve()), spec.text_field, spec.include,
                 spec.exclude, separator]  # fmt: skip
-    return hashlib.sha256(json.dumps([settings, entries]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([settings, states]).encode()).hexdigest()
+
+
+def changed_files(before: list[list], after: list[list]) -> list[str]:
+    """The paths added, removed or changed in size or mtime between two file_states."""
+    old = {path: state for path, *state in before}
+    new = {path: state for path, *state in after}
+    return sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
 
 
 def prepare(
@@ -61,7 +74,8 @@ def prepare(
 ) -> Store:
     """The store for `spec`, prepared now unless an up-to-date one is in the cache. It appears
     whole or not at all: it is written in a temp folder and renamed into place."""
-    key = fingerprint(spec, separator)
+    states = file_states(spec)
+    key = fingerprint(spec, separator, states)
     root = (cache_dir() / "stores") if root is None else Path(root)
     target = root / key[:24]
     if (target / INDEX_FILE).is_file():
@@ -83,10 +97,12 @@ def prepare(
                 f"data path {str(spec.path)!r} holds no text to train on "
                 f"({summary.describe()}); check --data and the include/exclude patterns"
             )
-        if fingerprint(spec, separator) != key:
+        changed = changed_files(states, file_states(spec))
+        if changed:
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
             raise NexusError(
-                f"the files under {str(spec.path)!r} changed while they were being prepared; "
-                "run again once they are stable"
+                f"{changed[0]!r}{more} changed while {str(spec.path)!r} was being prepared; "
+                "nothing was kept: run again once the files are stable"
             )
         index = {
             "fingerprint": key,
@@ -99,8 +115,14 @@ def prepare(
         if target.exists():
             shutil.rmtree(target)  # a stale or half-replaced store of the same key
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # reading errors are skipped or named in nexus.sources
+            raise NexusError(
+                f"could not write the prepared store under {str(root)!r} "
+                f"({error.strerror or error}); nothing was kept: free disk space there or point "
+                "XDG_CACHE_HOME at a disk with room, then run again"
+            ) from None
         raise
     log(f"prepared {target / DATA_FILE}: {summary.describe()}")
     return Store(target, index)
