@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -161,12 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("checkpoint")
     add_sampling_arguments(chat)
     chat.add_argument("--seed", type=int, default=1337)
+    chat.add_argument(
+        "--max_new_tokens",
+        type=int,
+        help="bytes per reply at most (default: 200, or half of --context if less)",
+    )
+    chat.add_argument(
+        "--context",
+        type=int,
+        help="bytes the model reads at most; a longer conversation keeps its end "
+        "(default: 4 x the model's seq_len)",
+    )
+    chat.add_argument(
+        "--no_carry", action="store_true", help="continue each line on its own, not the talk"
+    )
     chat.set_defaults(handler=run_chat)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible completions server")
     serve.add_argument("checkpoint")
     serve.add_argument("--host", default="127.0.0.1", help="default: this machine only")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model_name", help="the model's id in the API (default: the path)")
+    serve.add_argument("--max_active", type=int, default=4, help="requests decoded in turn")
+    serve.add_argument("--max_queue", type=int, default=16, help="requests that wait; more get 503")
+    serve.add_argument("--max_prompt_bytes", type=int, default=8192)
+    serve.add_argument(
+        "--max_tokens_limit", type=int, default=4096, help="the largest max_tokens taken"
+    )
     serve.set_defaults(handler=run_serve)
 
     prepare = commands.add_parser(
@@ -352,12 +377,12 @@ def run_sample(args: argparse.Namespace) -> int:
             out.write(f"--- sample {index + 1} of {args.num_samples} (seed {seed})\n".encode())
         started, produced = time.perf_counter(), []
         pieces = stream(model, prompt, args.max_new_tokens, sampling, seed=seed, stop=stop)
-        try:
-            for text in as_text(_recorded(pieces, produced), prefix=prompt):
+        with _ctrl_c_sets() as interrupted:
+            for text in as_text(_until(interrupted, pieces, produced), prefix=prompt):
                 if not args.json:
                     out.write(text.encode())
                     out.flush()
-        except KeyboardInterrupt:
+        if interrupted.is_set():
             out.write(b"\n")
             out.flush()
             print(f"nexus: stopped after {len(b''.join(produced))} bytes", file=sys.stderr)
@@ -381,10 +406,25 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded(chunks: Any, into: list[bytes]) -> Any:
+@contextmanager
+def _ctrl_c_sets() -> Iterator[threading.Event]:
+    """While inside, Ctrl-C (SIGINT) sets the event instead of raising KeyboardInterrupt, so
+    a loop can stop between two pieces of output with nothing half written."""
+    event = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _until(stop: threading.Event, chunks: Iterable[bytes], into: list[bytes]) -> Iterator[bytes]:
+    """The chunks, each also appended to `into`, until `stop` is set."""
     for chunk in chunks:
         into.append(chunk)
         yield chunk
+        if stop.is_set():
+            return
 
 
 def run_chat(args: argparse.Namespace) -> int:
