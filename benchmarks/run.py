@@ -8,7 +8,8 @@ Run: python benchmarks/run.py [--quick] [--json] [--no-write]
 - a plain pre-norm GPT of equal parameter count (SDPA attention) under the same loop, compiled
   and eager;
 - Hugging Face's JambaForCausalLM at the same config, on its fastest CPU path, when
-  `transformers` is installed: training tokens/s and cached greedy generation bytes/s;
+  `transformers` is installed: training tokens/s, cached greedy and sampled generation bytes/s
+  (Nexus greedy, with the CLI's default sampling, and with top-k/top-p, all in one run);
 - the peak resident memory of a `nexus train` run of nexus-6m (a subprocess).
 
 The figures are ratios taken on the same machine state; `docs/performance.md` gets them with
@@ -172,13 +173,27 @@ def hf_jamba(config_name: str = "nexus-6m") -> nn.Module | None:
     return JambaForCausalLM(JambaConfig.from_dict(config_json))
 
 
-def nexus_generate_bytes_per_s(model: NexusLM, new_bytes: int) -> float:
-    seconds = min(timed(lambda: generate(model, PROMPT, new_bytes, temperature=0), 2, warmup=1))
-    return new_bytes / seconds
+# Sampling settings timed beside greedy decoding: the CLI's defaults (`nexus sample`), and a
+# top-k/top-p setting as llama.cpp uses by default (the kernel's heaviest path: a sort a byte).
+SAMPLED = {
+    "default": {"temperature": 0.8, "top_k": 0, "top_p": 1.0},
+    "top_k 40, top_p 0.95": {"temperature": 0.8, "top_k": 40, "top_p": 0.95},
+}
 
 
-def hf_generate_bytes_per_s(model: nn.Module, new_bytes: int) -> float:
+def nexus_generate_bytes_per_s(model: NexusLM, new_bytes: int, settings: dict) -> float:
+    def run() -> None:
+        generate(model, PROMPT, new_bytes, seed=0, **settings)
+
+    return new_bytes / min(timed(run, 3, warmup=1))
+
+
+def hf_generate_bytes_per_s(model: nn.Module, new_bytes: int, settings: dict) -> float:
     ids = torch.tensor([list(PROMPT)])
+    if settings["temperature"] == 0:
+        options = {"do_sample": False}
+    else:  # top_k 0 switches off transformers' own default of 50
+        options = {"do_sample": True, **settings}
 
     def run() -> None:
         with torch.no_grad():
@@ -186,9 +201,9 @@ def hf_generate_bytes_per_s(model: nn.Module, new_bytes: int) -> float:
                 ids,
                 max_new_tokens=new_bytes,
                 min_new_tokens=new_bytes,
-                do_sample=False,
                 use_cache=True,
                 pad_token_id=0,
+                **options,
             )
 
     return new_bytes / min(timed(run, 2, warmup=1))
@@ -257,16 +272,32 @@ def run_benchmarks(quick: bool) -> dict[str, float | str | None]:
     )
 
     new_bytes = 64 if quick else 256
-    result["generate_bytes_per_s"] = nexus_generate_bytes_per_s(nexus.eval(), new_bytes)
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    nexus.eval()
+    result["generate_bytes_per_s"] = nexus_generate_bytes_per_s(nexus, new_bytes, greedy)
+    for name, settings in SAMPLED.items():
+        result[f"sampled_bytes_per_s[{name}]"] = nexus_generate_bytes_per_s(
+            nexus, new_bytes, settings
+        )
+    result["sampled_vs_greedy"] = (
+        result["sampled_bytes_per_s[default]"] / result["generate_bytes_per_s"]
+    )
     hf = hf_jamba()
     result["hf_train_tokens_per_s"] = result["hf_generate_bytes_per_s"] = None
     result["vs_hf_train"] = result["vs_hf_train_eager"] = result["vs_hf_generate"] = None
+    result["hf_sampled_bytes_per_s"] = result["vs_hf_sampled"] = None
     if hf is not None:
         hf_optimizer = fused_adamw(hf)
         result["hf_train_tokens_per_s"] = train_tokens_per_s(
             hf.train(), hf_optimizer, max(2, repeats // 2), cross_entropy_of
         )
-        result["hf_generate_bytes_per_s"] = hf_generate_bytes_per_s(hf.eval(), new_bytes)
+        result["hf_generate_bytes_per_s"] = hf_generate_bytes_per_s(hf.eval(), new_bytes, greedy)
+        result["hf_sampled_bytes_per_s"] = hf_generate_bytes_per_s(
+            hf, new_bytes, SAMPLED["default"]
+        )
+        result["vs_hf_sampled"] = (
+            result["sampled_bytes_per_s[default]"] / result["hf_sampled_bytes_per_s"]
+        )
         result["vs_hf_train"] = result["train_tokens_per_s"] / result["hf_train_tokens_per_s"]
         result["vs_hf_train_eager"] = (
             result["train_tokens_per_s_eager"] / result["hf_train_tokens_per_s"]
@@ -314,9 +345,17 @@ def format_results(result: dict) -> str:
             "| ≥ 0.8× |",
             f"| Nexus compiled (eager) / HF Jamba training tokens/s ({hf_note}) | "
             f"{ratio(result['vs_hf_train'])} ({ratio(result['vs_hf_train_eager'])}) | ≥ 3× |",
-            f"| Nexus cached generation bytes/s | {result['generate_bytes_per_s']:.0f} | |",
-            f"| Nexus / HF Jamba generation (greedy, cache) | "
+            f"| Nexus cached generation bytes/s, greedy | {result['generate_bytes_per_s']:.0f} | |",
+            f"| Nexus sampled bytes/s, the CLI's defaults (temperature 0.8) "
+            f"| {result['sampled_bytes_per_s[default]']:.0f} "
+            f"(top_k 40, top_p 0.95: {result['sampled_bytes_per_s[top_k 40, top_p 0.95]']:.0f}) "
+            "| |",
+            f"| Nexus sampled (defaults) / greedy bytes/s | {result['sampled_vs_greedy']:.2f}× "
+            "| ≥ 0.9× |",
+            f"| Nexus / HF Jamba generation, greedy (cache) | "
             f"{ratio(result['vs_hf_generate'])} | ≥ 10× |",
+            f"| Nexus / HF Jamba generation, sampled with the same settings "
+            f"(`do_sample=True`) | {ratio(result['vs_hf_sampled'])} | ≥ 10× |",
             f"| peak RSS of `nexus train` (nexus-6m) | {result['peak_rss_mb']:.0f} MB "
             "| < 2048 MB |",
         ]
