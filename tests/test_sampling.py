@@ -95,17 +95,18 @@ def test_numba_and_torch_picks_follow_the_rule(sampling: Sampling) -> None:
                 logits.numpy(), sampling.temperature, sampling.top_k, sampling.top_p,
                 numba_draws.state,
             )  # fmt: skip
-            got_torch = int(pick_torch(logits[None], sampling, torch_draws)[0])
+            uniforms = torch.tensor(torch_draws.take(1), dtype=torch.float64)
+            got_torch = int(pick_torch(logits[None], sampling, uniforms)[0])
             assert got_numba == got_torch == want
 
 
-def test_torch_picks_rows_in_order_with_one_draw_each() -> None:
+def test_torch_picks_each_row_with_its_own_draw() -> None:
     logits = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     sampling = Sampling(temperature=1.0, top_p=0.9)
-    together = pick_torch(logits, sampling, Draws(5)).tolist()
-    draws = Draws(5)
-    one_by_one = [int(pick_torch(row[None], sampling, draws)[0]) for row in logits]
-    assert together == one_by_one
+    uniforms = torch.tensor(Draws(5).take(4), dtype=torch.float64)
+    together = pick_torch(logits, sampling, uniforms).tolist()
+    rows = zip(logits.tolist(), uniforms.tolist(), strict=True)
+    assert together == [expected_pick(row, sampling, u) for row, u in rows]
 
 
 @needs_numba
@@ -191,3 +192,28 @@ def test_text_pieces_never_split_a_character() -> None:
     pieces = list(as_text([data[i : i + 1] for i in range(len(data))] + [b"\xff"], prefix=b">"))
     assert "".join(pieces) == ">né → 🙂\ufffd"
     assert all("\ufffd" not in piece for piece in pieces[:-1])
+
+
+def test_chunks_of_device_picks_give_the_bytes_of_one_at_a_time() -> None:
+    # The PyTorch path as it runs on a GPU: 8 picks on the device per read-back.
+    torch.manual_seed(0)
+    model = NexusLM(preset("nexus-tiny-moe")).eval()
+    assert not decode.supported(model)
+    sampling = Sampling(temperature=0.9, top_k=50)
+
+    def talk(chunk: int, stop: list[bytes]) -> tuple[bytes, bytes, bytes]:
+        session = Session(model, 120, chunk=chunk)
+        session.feed(b"To be")
+        draws = Draws(4)
+        first = b"".join(session.stream(21, sampling, draws))
+        cut = b"".join(session.stream(30, sampling, draws, stop=stop))
+        session.feed(b"\n")
+        return first, cut, b"".join(session.stream(10, Sampling(temperature=0), draws))
+
+    first, full, _ = talk(1, [])
+    stop = full[9:11]
+    end = full.index(stop)
+    # The stop completes inside a chunk of 8: the feed after it must rewind.
+    assert talk(8, [stop]) == talk(1, [stop]) == (first, full[:end], talk(1, [stop])[2])
+    heard = b"To be" + first + full[: end + len(stop)] + b"\n"  # the stop was read, not shown
+    assert talk(8, [stop])[2] == generate(model, heard, 10, temperature=0)

@@ -37,45 +37,54 @@ class Session:
     A float32 model on the CPU runs in the numba kernel of `nexus.decode` (the whole loop of
     step and pick inside it, its matrix products on torch's thread count at construction), any
     other model with `NexusLM.step`. Both pick with `nexus.sampling`, so a seed gives the same
-    bytes on either path and on any thread count."""
+    bytes on either path and on any thread count. On a GPU the step's picks stay on the device
+    for `chunk` bytes (default 16), read back once per chunk: no host synchronisation per byte.
+    When a stop sequence ends a chunk early, the next `feed` rewinds the caches to the last
+    byte streamed (a prefill of the text so far)."""
 
-    def __init__(self, model: NexusLM, max_len: int) -> None:
+    def __init__(self, model: NexusLM, max_len: int, chunk: int | None = None) -> None:
         self.model = model.eval()
         self.max_len = max_len
-        self.on_cpu = next(model.parameters()).device.type == "cpu"
+        self.device = next(model.parameters()).device
+        self.on_cpu = self.device.type == "cpu"
+        self.chunk = chunk or (1 if self.on_cpu else 16)
         self.decoder = (
             decode.Decoder(model, max_len, threads=torch.get_num_threads())
             if decode.supported(model)
             else None
         )
-        self.length = 0  # positions fed so far
+        self.reset()
+
+    def reset(self) -> None:
+        self.text: list[int] = []  # every byte fed or streamed, in order
+        self.length = 0  # positions in the caches
         self._unfed: int | None = None  # the last streamed byte: in the text, not yet fed
         self._cache = None  # NexusLM.step's, off the fast path
         self._logits: torch.Tensor | None = None  # (1, vocab), off the fast path
 
     @property
     def room(self) -> int:
-        """How many more bytes fit (what `stream` has produced and not fed counts as fed)."""
-        return self.max_len - self.length - (self._unfed is not None)
-
-    def reset(self) -> None:
-        self.length, self._unfed, self._cache, self._logits = 0, None, None, None
+        """How many more bytes fit."""
+        return self.max_len - len(self.text)
 
     def feed(self, data: bytes) -> None:
         """Append `data` to the sequence; the first feed after a reset prefills."""
         if len(data) > self.room:
             raise ValueError(f"{len(data)} bytes do not fit: {self.room} of {self.max_len} left")
-        tokens = ([self._unfed] if self._unfed is not None else []) + list(data)
+        if self.length > len(self.text):  # a chunk ran past what was streamed: rewind
+            self.length = 0
+        self.text += data
+        unfed = self.text[self.length :]
         self._unfed = None
-        if not tokens:
+        if not unfed:
             return
         with torch.no_grad(), _one_torch_thread(self.on_cpu):
             if self.length == 0:
-                self._prefill(tokens)
+                self._prefill(unfed)
             else:
-                for token in tokens:
-                    self._step(token)
-        self.length += len(tokens)
+                for token in unfed:
+                    self._step(torch.tensor([token], device=self.device))
+        self.length = len(self.text)
 
     def stream(
         self, count: int, sampling: Sampling, draws: Draws, stop: Sequence[bytes] = ()
@@ -83,8 +92,9 @@ class Session:
         """Up to `count` new bytes, one at a time; none before anything was fed. With `stop`,
         generation ends where one of those byte strings is complete, and it is not yielded;
         bytes that could begin one are held back until they cannot."""
-        if self.length == 0 and self._unfed is None:
+        if not self.text:
             raise ValueError("feed the session a prompt first")
+        self.feed(b"")  # a rewind, if the last stream left one
         count = min(count, self.room)
         held = b""
         for token in self._picks(count, sampling, draws):
@@ -99,43 +109,61 @@ class Session:
             yield held
 
     def _picks(self, count: int, sampling: Sampling, draws: Draws) -> Iterator[int]:
-        """`count` picks, each fed before the next is made (the last stays in `_unfed`)."""
-        for _ in range(count):
-            if self._unfed is not None:
-                token, self._unfed = self._unfed, None
-                if self.decoder is not None:
-                    # One kernel call feeds it and makes the next pick: no Python in between.
-                    (self._unfed,) = self.decoder.generate(token, 1, sampling, draws)
-                    self.length += 1
-                    yield self._unfed
-                    continue
-                with torch.no_grad(), _one_torch_thread(self.on_cpu):
-                    self._step(token)
-                self.length += 1
-            self._unfed = self._pick(sampling, draws)
-            yield self._unfed
-
-    def _pick(self, sampling: Sampling, draws: Draws) -> int:
+        """`count` picks, each appended to the text and fed before the next is made."""
         if self.decoder is not None:
-            return self.decoder.pick(sampling, draws)
-        assert self._logits is not None
-        return int(pick_torch(self._logits, sampling, draws)[0])
+            for _ in range(count):
+                if self._unfed is None:
+                    token = self.decoder.pick(sampling, draws)
+                else:  # one kernel call feeds it and picks the next: no Python in between
+                    (token,) = self.decoder.generate(self._unfed, 1, sampling, draws)
+                    self.length += 1
+                self.text.append(token)
+                self._unfed = token
+                yield token
+            return
+        while count > 0:
+            size = min(self.chunk, count)
+            count -= size
+            with torch.no_grad(), _one_torch_thread(self.on_cpu):
+                picks = self._chunk_of_picks(size, sampling, draws)
+            for token in picks:
+                self.text.append(token)
+                self._unfed = token
+                yield token
+
+    def _chunk_of_picks(self, size: int, sampling: Sampling, draws: Draws) -> list[int]:
+        """`size` picks by `NexusLM.step` on the model's device, read back together. All but
+        the last are fed; until the caller has taken them all, `length` runs ahead of the
+        text, and the next `feed` rewinds."""
+        uniforms = None
+        if not sampling.greedy:
+            uniforms = torch.tensor(draws.take(size), dtype=torch.float64).to(self.device)
+        picks = []
+        for i in range(size):
+            if self._unfed is not None:
+                self._step(torch.tensor([self._unfed], device=self.device))
+                self._unfed = None
+            elif picks:
+                self._step(picks[-1])
+            assert self._logits is not None
+            row = None if uniforms is None else uniforms[i : i + 1]
+            picks.append(pick_torch(self._logits, sampling, row))
+        self.length = len(self.text) + size - 1
+        return torch.cat(picks).tolist()
 
     def _prefill(self, tokens: list[int]) -> None:
         if self.decoder is not None:
             self.decoder.prefill(tokens)
             return
-        device = next(self.model.parameters()).device
-        logits, self._cache = self.model.prefill(torch.tensor([tokens], device=device))
+        logits, self._cache = self.model.prefill(torch.tensor([tokens], device=self.device))
         self._logits = logits[:, -1]
 
-    def _step(self, token: int) -> None:
+    def _step(self, token: torch.Tensor) -> None:
+        """Feed one byte, a (1,) long tensor on the model's device."""
         if self.decoder is not None:
-            self.decoder.step(token)
+            self.decoder.step(int(token))
             return
-        device = next(self.model.parameters()).device
-        token_tensor = torch.tensor([token], dtype=torch.long, device=device)
-        self._logits, self._cache = self.model.step(token_tensor, self._cache)
+        self._logits, self._cache = self.model.step(token, self._cache)
 
 
 def _overlap(text: bytes, stop: bytes) -> int:

@@ -57,6 +57,9 @@ class Draws:
     def __init__(self, seed: int) -> None:
         self.state = np.array([seed & _MASK], dtype=np.uint64)
 
+    def take(self, count: int) -> list[float]:
+        return [self.next() for _ in range(count)]
+
     def next(self) -> float:
         counter = (int(self.state[0]) + _GAMMA) & _MASK
         self.state[0] = counter
@@ -66,8 +69,9 @@ class Draws:
         return (z >> 11) * _UNIT
 
 
-def pick_torch(logits: Tensor, sampling: Sampling, draws: Draws) -> Tensor:
-    """The pick for each row of logits (B, vocab), drawing one number per row in row order."""
+def pick_torch(logits: Tensor, sampling: Sampling, uniforms: Tensor | None) -> Tensor:
+    """The pick for each row of logits (B, vocab) on their device; `uniforms` (B,) float64,
+    a draw per row (from `Draws.take`), on the same device, is unused when greedy."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     z = logits.double() / sampling.temperature
@@ -81,9 +85,9 @@ def pick_torch(logits: Tensor, sampling: Sampling, draws: Draws) -> Tensor:
         above = (weights[:, None, :] * (z[:, None, :] > z[:, :, None])).sum(-1)
         kept &= above < sampling.top_p * weights.cumsum(-1)[:, -1:]
         weights = weights * kept
-    draws_now = torch.tensor([draws.next() for _ in range(z.shape[0])], dtype=torch.float64)
+    assert uniforms is not None, "sampling needs a draw per row"
     running = weights.cumsum(-1)  # summed in byte order, as pick_numba does
-    picks = (running <= draws_now.to(z.device)[:, None] * running[:, -1:]).sum(-1)
+    picks = (running <= uniforms[:, None] * running[:, -1:]).sum(-1)
     # Rounding can put the target at the total: then the pick is the last kept byte.
     last_kept = z.shape[-1] - 1 - kept.flip(-1).int().argmax(-1)
     return torch.minimum(picks, last_kept)
