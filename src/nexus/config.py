@@ -199,6 +199,28 @@ PRESETS: dict[str, ModelConfig] = {
     # The recommended preset for a quick run on CPU: the SSD stack, with the training settings
     # of PRESET_TRAINING (a higher peak lr over a 1000-step schedule).
     "nexus-6m-fast": ModelConfig(ssm="mamba2", d_state=64, ssm_head_dim=64, n_groups=1),
+    # GPU sizes in Jamba's proportions: one attention layer in eight (at offset 4, as Jamba),
+    # GQA with 4-5 query heads per KV head, Mamba-1 with state 16, dt_rank d_model / 16.
+    "nexus-25m": ModelConfig(
+        d_model=512,
+        n_layers=8,
+        attention_layers=(4,),
+        n_heads=8,
+        n_kv_heads=2,
+        dt_rank=32,
+        mlp_hidden=1024,
+        seq_len=512,
+    ),
+    "nexus-100m": ModelConfig(
+        d_model=640,
+        n_layers=16,
+        attention_layers=(4, 12),
+        n_heads=10,
+        n_kv_heads=2,
+        dt_rank=40,
+        mlp_hidden=2048,
+        seq_len=1024,
+    ),
     # Seconds to train: for tests and quick experiments.
     "nexus-tiny": ModelConfig(
         d_model=64,
@@ -240,6 +262,26 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
         "warmup_steps": 50,
         "micro_batch": 8,  # the same 16-window step as 4 x 4, 4 % faster on this CPU
         "grad_accum": 2,
+    },
+    # Starting points for one GPU under bf16 (not yet tuned by measurement): 16K and 32K
+    # tokens a step, the peak lr of GPT-3's table for these sizes (6e-4 at 125M and below).
+    "nexus-25m": {
+        "out_dir": "checkpoints/nexus-25m",
+        "max_steps": 5000,
+        "lr": 6e-4,
+        "warmup_steps": 250,
+        "micro_batch": 32,
+        "grad_accum": 1,
+        "eval_interval": 250,
+    },
+    "nexus-100m": {
+        "out_dir": "checkpoints/nexus-100m",
+        "max_steps": 10000,
+        "lr": 6e-4,
+        "warmup_steps": 500,
+        "micro_batch": 16,
+        "grad_accum": 2,
+        "eval_interval": 500,
     },
 }
 
