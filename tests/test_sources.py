@@ -78,9 +78,18 @@ def test_a_directory_becomes_one_store_of_its_text_files(text_corpus: Path, tmp_
     assert summary["skipped"] == {
         "binary": 1, "hidden": 1, "not matched by include/exclude": 1
     }  # fmt: skip
-    # Unchanged sources: the same store, not prepared again.
-    again = prepare(SourceSpec(tmp_path / "notes"), SEPARATOR, root=tmp_path / "cache")
+    # Unchanged sources: the same store, not prepared again, and the same summary told.
+    told: list[str] = []
+    again = prepare(
+        SourceSpec(tmp_path / "notes"), SEPARATOR, root=tmp_path / "cache", log=told.append
+    )
     assert again.directory == store.directory
+    text_bytes = sum(len(document) for document in kept)
+    assert told == [
+        f"reusing the prepared store {store.data_file}: 3 documents from 4 files, "
+        f"{text_bytes + 2 * len(SEPARATOR):,} bytes ({text_bytes:,} of text, the rest separators); "
+        "skipped: 1 binary, 1 hidden, 1 not matched by include/exclude"
+    ]
     # A changed file: a new store with the new bytes.
     (tmp_path / "notes" / "c" / "three.txt").write_bytes(b"changed text " * 100)
     changed = prepare(SourceSpec(tmp_path / "notes"), SEPARATOR, root=tmp_path / "cache")

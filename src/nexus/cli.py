@@ -444,13 +444,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     from nexus.store import prepare
 
     spec = SourceSpec(Path(args.data).expanduser(), args.text_field, args.include, args.exclude)
-    store = prepare(spec, args.doc_separator, log=lambda message: None)
-    summary = store.summary
-    skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
-    print(
-        f"{store.data_file}: {summary['documents']:,} documents from {summary['files']:,} "
-        f"files, {store.index['bytes']:,} bytes; skipped: {skipped}"
-    )
+    print(prepare(spec, args.doc_separator, log=lambda message: None).describe())
 
 
 def run_report(args: argparse.Namespace) -> None:

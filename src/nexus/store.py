@@ -40,6 +40,16 @@ class Store:
     def summary(self) -> dict[str, Any]:
         return self.index["summary"]
 
+    def describe(self) -> str:
+        """One line: the file, what went in, the separators' share, what was skipped."""
+        summary = self.summary
+        skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
+        return (
+            f"{self.data_file}: {summary['documents']:,} documents from {summary['files']:,} "
+            f"files, {self.index['bytes']:,} bytes ({summary['bytes']:,} of text, the rest "
+            f"separators); skipped: {skipped}"
+        )
+
 
 def file_states(spec: SourceSpec) -> list[list]:
     """Every file's path, size and mtime (None, None for one that cannot be read): what tells
@@ -81,7 +91,9 @@ def prepare(
     if (target / INDEX_FILE).is_file():
         index = json.loads((target / INDEX_FILE).read_text())
         if index.get("fingerprint") == key:
-            return Store(target, index)
+            store = Store(target, index)
+            log(f"reusing the prepared store {store.describe()}")
+            return store
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key[:24]}.", dir=root))
     try:
@@ -124,5 +136,6 @@ def prepare(
                 "XDG_CACHE_HOME at a disk with room, then run again"
             ) from None
         raise
-    log(f"prepared {target / DATA_FILE}: {summary.describe()}")
-    return Store(target, index)
+    store = Store(target, index)
+    log(f"prepared {store.describe()}")
+    return store
