@@ -3,8 +3,9 @@
 Owns three public functions, all batch-first and time-major:
 
 - `selective_scan_reference`: a plain sequential PyTorch loop; autograd does the backward.
-- `selective_scan`: the fast path, a fused numba CPU kernel with a hand-written backward,
-  used for CPU float32/float64 tensors; it falls back to the reference otherwise.
+- `selective_scan`: the fast path. CPU float32/float64 tensors go to a fused numba kernel with
+  a hand-written backward (below); CUDA float32/bfloat16 tensors go to the Triton kernels of
+  `nexus.triton_scan` when triton is installed; anything else falls back to the reference.
 - `selective_scan_step`: one recurrent step, for cached generation.
 
 Recurrence per (b, d, n), with h_0 = 0:
@@ -12,9 +13,10 @@ Recurrence per (b, d, n), with h_0 = 0:
     y_t = sum_n Cm_t[n] * h_t[n] + Dskip[d] * x_t
 
 Set NEXUS_DISABLE_NUMBA=1 before import (or `FAST_PATH_ENABLED = False` at run time) to make
-`selective_scan` use the reference.
+`selective_scan` use the reference on CPU; `TRITON_PATH_ENABLED = False` does that on CUDA.
 """
 
+import importlib.util
 import math
 import os
 
@@ -35,6 +37,9 @@ except ImportError:
 
 FAST_PATH_ENABLED: bool = numba is not None
 """Whether `selective_scan` may use the numba kernel (False when numba is missing/disabled)."""
+
+TRITON_PATH_ENABLED: bool = importlib.util.find_spec("triton") is not None
+"""Whether `selective_scan` may send CUDA tensors to the Triton kernels (triton installed)."""
 
 # The kernels split D into this many chunks (fewer when D is smaller), the units of parallel
 # work. A fixed count, not the thread count, so results do not depend on the thread count.
@@ -99,7 +104,8 @@ def selective_scan(
     Dskip: Tensor,
     return_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Fast selective scan (numba on CPU float32/float64, else the reference).
+    """Fast selective scan: numba on CPU float32/float64, Triton on CUDA float32/bfloat16
+    (each input either), else the reference.
 
     x, dt: (B,T,D) with dt > 0; A: (D,N) negative; Bm, Cm: (B,T,N); Dskip: (D,).
     Returns y (B,T,D), or (y, h_last (B,D,N)) if return_state. Gradients flow to all six
@@ -107,6 +113,16 @@ def selective_scan(
     """
     _check_shapes(x, dt, A, Bm, Cm, Dskip)
     tensors = (x, dt, A, Bm, Cm, Dskip)
+    if TRITON_PATH_ENABLED and all(
+        t.device.type == "cuda" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors
+    ):
+        # Imported on first use, not with this module: importing it builds the kernels, for
+        # the GPU or (TRITON_INTERPRET=1, as the tests set on CPU-only machines) the interpreter.
+        from nexus import triton_scan
+
+        if triton_scan.AVAILABLE:
+            y, h_last = triton_scan.selective_scan_triton(*tensors)
+            return (y, h_last) if return_state else y
     fast = (
         FAST_PATH_ENABLED
         and x.dtype in _FTZ
