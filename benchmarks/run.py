@@ -138,10 +138,12 @@ class GPTBlock(nn.Module):
 class GPT(nn.Module):
     """The baseline: a plain pre-norm transformer with learned positions."""
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int) -> None:
+    def __init__(
+        self, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int, max_len: int = SEQ_LEN
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, d_model)
-        self.positions = nn.Parameter(torch.zeros(SEQ_LEN, d_model))
+        self.positions = nn.Parameter(torch.zeros(max_len, d_model))
         self.blocks = nn.ModuleList(GPTBlock(d_model, n_heads, mlp_hidden) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 256, bias=False)
@@ -153,13 +155,18 @@ class GPT(nn.Module):
         return self.head(self.norm(x))
 
 
-def equal_size_gpt(target_parameters: int) -> GPT:
-    """8 layers of d_model 256; the MLP width that brings the count closest to the target."""
-    d_model, n_layers = 256, 8
-    fixed = GPT(d_model, n_layers, 8, 0)
+def equal_size_gpt(
+    target_parameters: int,
+    d_model: int = 256,
+    n_layers: int = 8,
+    n_heads: int = 8,
+    max_len: int = SEQ_LEN,
+) -> GPT:
+    """A GPT of this shape with the MLP width that brings its count closest to the target."""
+    fixed = GPT(d_model, n_layers, n_heads, 0, max_len)
     per_unit = 2 * d_model * n_layers  # each MLP hidden unit adds an input and an output weight
     hidden = round((target_parameters - sum(p.numel() for p in fixed.parameters())) / per_unit)
-    return GPT(d_model, n_layers, 8, hidden)
+    return GPT(d_model, n_layers, n_heads, hidden, max_len)
 
 
 def hf_jamba(config_name: str = "nexus-6m") -> nn.Module | None:
