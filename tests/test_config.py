@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from nexus.config import ModelConfig, TrainConfig, preset, resolve_train_config
+from nexus.config import PRESETS, ModelConfig, TrainConfig, preset, resolve_train_config
 from nexus.errors import NexusError
+from nexus.model import NexusLM
 
 
 @pytest.mark.parametrize(
@@ -151,3 +154,14 @@ def test_a_short_run_fits_the_default_warmup_and_says_so() -> None:
     # a resumed run keeps the warmup it ran with
     resumed = resolve_train_config(None, {}, base={"max_steps": 50, "warmup_steps": 40})
     assert resumed.warmup_steps == 40
+
+
+def test_the_readme_gives_every_preset_its_exact_parameter_count() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(nexus-[\w-]+)`[^|]*\| ([\d,]+)", readme, flags=re.MULTILINE)
+    listed = {name: int(count.replace(",", "")) for name, count in rows}
+    assert set(listed) == set(PRESETS)
+    for name, config in PRESETS.items():
+        with torch.device("meta"):  # sizes only: no memory for nexus-100m's weights
+            parameters = sum(p.numel() for p in NexusLM(config).parameters())
+        assert listed[name] == parameters, name
