@@ -132,8 +132,9 @@ class MambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Δ before its softplus (the scan applies it), A, and the normalised B and C."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(self.dt_layernorm(dt)))  # (B, T, E)
+        dt = self.dt_proj(self.dt_layernorm(dt))  # (B, T, E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         return dt, A, self.b_layernorm(B), self.c_layernorm(C)
 
@@ -151,7 +152,7 @@ class MambaMixer(nn.Module):
         # The cache keeps the last d_conv conv inputs (zeros before the prompt).
         conv_state = padded[:, -self.d_conv :].transpose(1, 2)  # (B, E, K)
         dt, A, B, C = self._ssm_inputs(x)
-        y, ssm_state = selective_scan(x, dt, A, B, C, self.D, return_state=True)
+        y, ssm_state = selective_scan(x, dt, A, B, C, self.D, return_state=True, dt_softplus=True)
         y = y * F.silu(z)
         return self.out_proj(y), MambaState(conv=conv_state.contiguous(), ssm=ssm_state)
 
@@ -162,7 +163,7 @@ class MambaMixer(nn.Module):
         x = (conv * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias
         x = F.silu(x)
         dt, A, B, C = self._ssm_inputs(x)
-        y, ssm = selective_scan_step(state.ssm, x, dt, A, B, C, self.D)
+        y, ssm = selective_scan_step(state.ssm, x, F.softplus(dt), A, B, C, self.D)
         y = y * F.silu(z)
         return self.out_proj(y).unsqueeze(1), MambaState(conv=conv, ssm=ssm)
 

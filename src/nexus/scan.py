@@ -103,13 +103,15 @@ def selective_scan(
     Cm: Tensor,
     Dskip: Tensor,
     return_state: bool = False,
+    dt_softplus: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Fast selective scan: numba on CPU float32/float64, Triton on CUDA float32/bfloat16
     (each input either), else the reference.
 
-    x, dt: (B,T,D) with dt > 0; A: (D,N) negative; Bm, Cm: (B,T,N); Dskip: (D,).
-    Returns y (B,T,D), or (y, h_last (B,D,N)) if return_state. Gradients flow to all six
-    inputs and through h_last.
+    x, dt: (B,T,D) with dt > 0, or any dt with dt_softplus (the scan then uses softplus(dt):
+    fused into the Triton kernels, which then keep no softplus(dt) tensor for the backward);
+    A: (D,N) negative; Bm, Cm: (B,T,N); Dskip: (D,). Returns y (B,T,D), or (y, h_last
+    (B,D,N)) if return_state. Gradients flow to all six inputs and through h_last.
     """
     _check_shapes(x, dt, A, Bm, Cm, Dskip)
     tensors = (x, dt, A, Bm, Cm, Dskip)
@@ -121,8 +123,11 @@ def selective_scan(
         from nexus import triton_scan
 
         if triton_scan.AVAILABLE:
-            y, h_last = triton_scan.selective_scan_triton(*tensors)
+            y, h_last = triton_scan.selective_scan_triton(*tensors, dt_softplus=dt_softplus)
             return (y, h_last) if return_state else y
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+        tensors = (x, dt, A, Bm, Cm, Dskip)
     fast = (
         FAST_PATH_ENABLED
         and x.dtype in _FTZ
