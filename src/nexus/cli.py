@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--no_carry", action="store_true", help="continue each line on its own, not the talk"
     )
+    chat.add_argument(
+        "--stop",
+        action="append",
+        help="end a reply where this text appears (repeatable; default: a blank line; '' for none)",
+    )
     chat.set_defaults(handler=run_chat)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible completions server")
