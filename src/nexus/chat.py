@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     if args.context is not None and args.context < 2:
         raise NexusError("--context must be at least 2 bytes")
-    model, _ = load_model_for_use(args.checkpoint)
+    model, _ = load_model_for_use(args.checkpoint, args.threads)
     seq_len = model.config.seq_len
     context = WINDOW_IN_SEQ_LENS * seq_len if args.context is None else args.context
     length = args.max_new_tokens

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--json", action="store_true", help="one JSON object per sample: text, bytes/s, settings"
     )
+    add_threads_argument(sample)
     sample.set_defaults(handler=run_sample)
 
     chat = commands.add_parser("chat", help="talk to a checkpoint in the terminal, streamed")
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="end a reply where this text appears (repeatable; default: a blank line; '' for none)",
     )
+    add_threads_argument(chat)
     chat.set_defaults(handler=run_chat)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible completions server")
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max_tokens_limit", type=int, default=4096, help="the largest max_tokens taken"
     )
+    add_threads_argument(serve)
     serve.set_defaults(handler=run_serve)
 
     prepare = commands.add_parser(
@@ -320,10 +323,25 @@ def resume_base_config(args: argparse.Namespace) -> dict[str, Any] | None:
         ) from None
 
 
-def load_model_for_use(path: str) -> tuple[Any, Any]:
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for decoding (default: PyTorch's, one per core); 1 is faster while "
+        "another process keeps a core busy",
+    )
+
+
+def load_model_for_use(path: str, threads: int | None = None) -> tuple[Any, Any]:
+    import torch
+
     from nexus.checkpoint import load_checkpoint, model_from_checkpoint
     from nexus.training import pick_device
 
+    if threads is not None:
+        if threads < 1:
+            raise NexusError(f"--threads must be >= 1, not {threads}")
+        torch.set_num_threads(threads)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, pick_device("auto"))
     model.eval()
@@ -372,7 +390,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise NexusError("--num_samples must be >= 1")
     sampling = sampling_from(args)
-    model, _ = load_model_for_use(args.checkpoint)
+    model, _ = load_model_for_use(args.checkpoint, args.threads)
     prompt = os.fsencode(args.prompt)  # the bytes as given, even when not valid UTF-8
     stop = [os.fsencode(text) for text in args.stop]
     out = sys.stdout.buffer

@@ -473,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise NexusError("--max_queue must be at least 0")
     sock = _listen(args.host, args.port)
-    model, _ = load_model_for_use(args.checkpoint)
+    model, _ = load_model_for_use(args.checkpoint, args.threads)
     settings = ServeSettings(
         model_name=args.model_name or args.checkpoint,
         max_active=args.max_active,
