@@ -278,7 +278,7 @@ def run_benchmarks(quick: bool) -> dict[str, float | str | None]:
         result["train_tokens_per_s_eager"] / result["transformer_tokens_per_s_eager"]
     )
 
-    new_bytes = 64 if quick else 256
+    new_bytes = 128 if quick else 256
     greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
     nexus.eval()
     result["generate_bytes_per_s"] = nexus_generate_bytes_per_s(nexus, new_bytes, greedy)
