@@ -662,11 +662,12 @@ def test_binary_data_trains_and_samples(tmp_path: Path, fork_server: ForkServer)
     prompt = b"\xff\xfe\xc3("  # not UTF-8 (argv cannot hold NUL bytes)
     sample = subprocess.run(
         [PYTHON, "-m", "nexus", "sample", str(out / "step_2.bin"), "--prompt", prompt,
-         "--max_new_tokens", "5"],
+         "--max_new_tokens", "5", "--json"],
         capture_output=True, timeout=600, env=ENV,
     )  # fmt: skip
     assert sample.returncode == 0, sample.stderr
-    assert sample.stdout.startswith(prompt) and len(sample.stdout) == len(prompt) + 5 + 1
+    record = json.loads(sample.stdout)
+    assert record["prompt"] == prompt.decode(errors="replace") and record["bytes"] == 5
 
 
 # --- faults during training, in process --------------------------------------------------------

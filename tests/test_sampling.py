@@ -217,3 +217,11 @@ def test_chunks_of_device_picks_give_the_bytes_of_one_at_a_time() -> None:
     assert talk(8, [stop]) == talk(1, [stop]) == (first, full[:end], talk(1, [stop])[2])
     heard = b"To be" + first + full[: end + len(stop)] + b"\n"  # the stop was read, not shown
     assert talk(8, [stop])[2] == generate(model, heard, 10, temperature=0)
+
+
+@pytest.mark.parametrize("name", ["nexus-tiny", "nexus-tiny-moe"])  # numba kernel, torch step
+def test_generating_leaves_a_model_in_training_mode(name: str) -> None:
+    # The trainer samples between its steps: the steps after must still train the model.
+    model = NexusLM(preset(name)).train()
+    generate(model, b"To be", 8, temperature=0.8, seed=1)
+    assert model.training

@@ -17,15 +17,20 @@ from nexus.sampling import Draws, Sampling, pick_torch
 
 
 @contextmanager
-def _one_torch_thread(on_cpu: bool) -> Iterator[None]:
-    """PyTorch's batch-1 decode operations are too small to share between threads: a second
-    one only adds synchronisation, which costs whole time slices on a busy machine."""
-    threads = torch.get_num_threads()
+def _inference(model: NexusLM, on_cpu: bool) -> Iterator[None]:
+    """No autograd, eval mode (the model's own mode restored after: a model being trained is
+    sampled between its steps), and on the CPU one PyTorch thread: batch-1 decode operations
+    are too small to share, and a second thread only adds synchronisation, which costs whole
+    time slices on a busy machine."""
+    threads, was_training = torch.get_num_threads(), model.training
     if on_cpu:
         torch.set_num_threads(1)
+    model.eval()
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
+        model.train(was_training)
         if on_cpu:
             torch.set_num_threads(threads)
 
@@ -43,7 +48,7 @@ class Session:
     byte streamed (a prefill of the text so far)."""
 
     def __init__(self, model: NexusLM, max_len: int, chunk: int | None = None) -> None:
-        self.model = model.eval()
+        self.model = model
         self.max_len = max_len
         self.device = next(model.parameters()).device
         self.on_cpu = self.device.type == "cpu"
@@ -78,7 +83,7 @@ class Session:
         self._unfed = None
         if not unfed:
             return
-        with torch.no_grad(), _one_torch_thread(self.on_cpu):
+        with _inference(self.model, self.on_cpu):
             if self.length == 0:
                 self._prefill(unfed)
             else:
@@ -124,7 +129,7 @@ class Session:
         while count > 0:
             size = min(self.chunk, count)
             count -= size
-            with torch.no_grad(), _one_torch_thread(self.on_cpu):
+            with _inference(self.model, self.on_cpu):
                 picks = self._chunk_of_picks(size, sampling, draws)
             for token in picks:
                 self.text.append(token)
