@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,15 +42,7 @@ UP = "\x1b[A"
 ESCAPE_CODE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """This process trains and decodes on one thread: at these sizes a second one only waits,
-    and on a busy 2-core machine it spins whole time slices away (100x slower). The bytes do
-    not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +96,7 @@ class Terminal:
         env = dict(os.environ, TERM="xterm-256color", XDG_CACHE_HOME=str(cache))
         env["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")  # the compiled kernels stay warm
         # One decode thread, as in this process: on a busy 2-core machine a second one spins
-        # whole time slices away at every byte (see one_thread).
+        # whole time slices away at every byte (see conftest.one_torch_thread).
         env["OMP_NUM_THREADS"] = "1"
         self.child = pexpect.spawn(
             sys.executable,

@@ -45,15 +45,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The decode kernel reads torch's thread count. With two, each byte launches OpenMP work
-    whose threads spin-wait, which on a busy two-core machine slows decoding many times over;
-    the bytes are the same on any count, so the servers in this process decode on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
