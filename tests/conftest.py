@@ -12,6 +12,18 @@ import torch
 from nexus.config import TrainConfig
 
 SHARED_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+# Root reads any file whatever its mode, through the capabilities CAP_DAC_OVERRIDE and
+# CAP_DAC_READ_SEARCH; drop them from the bounding set and exec, and a root process meets the
+# same "permission denied" as anyone else.
+WITHOUT_ROOT_READ = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(77)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
 WORDS = [
     "the",
     "king",

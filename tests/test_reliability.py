@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 import nexus.training as training
-from conftest import tiny_config
+from conftest import WITHOUT_ROOT_READ, tiny_config
 from nexus.checkpoint import load_checkpoint, save_checkpoint
 from nexus.config import TrainConfig
 from nexus.errors import NexusError
@@ -615,19 +615,6 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "NexusError" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("nexus: error: train config: lr")
-
-
-# Root reads any file whatever its mode, through the capabilities CAP_DAC_OVERRIDE and
-# CAP_DAC_READ_SEARCH; drop them from the bounding set and exec, and a root process meets the
-# same "permission denied" as anyone else.
-WITHOUT_ROOT_READ = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-        sys.exit(77)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
 
 
 def test_unreadable_data_file(text_corpus: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import nexus.sources as sources
-from conftest import tiny_config
+from conftest import WITHOUT_ROOT_READ, tiny_config
 from nexus.cli import main
 from nexus.errors import NexusError
 from nexus.report import load_run, render_report, run_forecast
@@ -28,14 +28,6 @@ from nexus.training import Trainer
 
 SEPARATOR = "\n\n"
 PYTHON = sys.executable
-WITHOUT_ROOT_READ = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-    if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-        sys.exit(77)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
 # The kernel's own "disk full": a file-size limit. With SIGXFSZ ignored (as Python sets it)
 # the write that crosses it fails with EFBIG, as a write to a full disk fails with ENOSPC;
 # with the signal's default action the process is killed mid-write, as by a power cut.
