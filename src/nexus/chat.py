@@ -36,15 +36,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 from nexus.cache import cache_dir
+from nexus.cli import ctrl_c_sets
 from nexus.errors import NexusError
 from nexus.generation import Session, as_text
 from nexus.model import NexusLM
@@ -158,7 +157,7 @@ class Chat:
         settings = self.settings
         if not settings.carry:
             self.conversation.reset()
-        with _ctrl_c_noted() as pressed:
+        with ctrl_c_sets() as pressed:
             data = (line.encode(errors="surrogateescape") + b"\n") if line else b""
             kept = self.conversation.feed_line(data, settings.length)
             if kept is not None and self.conversation.restarts == 1:  # said once, not each turn
@@ -266,18 +265,6 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "length": (int, "a whole number"),
     "carry": (_on_off, "on or off"),
 }
-
-
-@contextlib.contextmanager
-def _ctrl_c_noted() -> Iterator[threading.Event]:
-    """Ctrl-C sets the event instead of raising, so a reply stops between two bytes and the
-    session's state stays whole."""
-    pressed = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.set())
-    try:
-        yield pressed
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _readline() -> ModuleType | None:

@@ -400,7 +400,7 @@ def run_sample(args: argparse.Namespace) -> int:
             out.write(f"--- sample {index + 1} of {args.num_samples} (seed {seed})\n".encode())
         started, produced = time.perf_counter(), []
         pieces = stream(model, prompt, args.max_new_tokens, sampling, seed=seed, stop=stop)
-        with _ctrl_c_sets() as interrupted:
+        with ctrl_c_sets() as interrupted:
             for text in as_text(_until(interrupted, pieces, produced), prefix=prompt):
                 if not args.json:
                     out.write(text.encode())
@@ -430,7 +430,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _ctrl_c_sets() -> Iterator[threading.Event]:
+def ctrl_c_sets() -> Iterator[threading.Event]:
     """While inside, Ctrl-C (SIGINT) sets the event instead of raising KeyboardInterrupt, so
     a loop can stop between two pieces of output with nothing half written."""
     event = threading.Event()
