@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from nexus.config import ModelConfig, preset
 from nexus.generation import generate
@@ -284,3 +285,41 @@ def test_info_counts_total_and_active_parameters_and_top_k_flops(moe_model: Nexu
         "active_parameters" not in model_info(dense)
         and "router" not in model_info(dense)["parameters_by_component"]
     )
+
+
+def test_dropout_drops_and_rescales_in_training_and_is_off_for_inference() -> None:
+    config = preset("nexus-tiny")
+    p = 0.3
+    torch.manual_seed(0)
+    plain = NexusLM(config).eval()
+    dropped = NexusLM(config, dropout=p)
+    dropped.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 256, (4, 32))
+    assert torch.equal(dropped.eval()(ids), plain(ids))  # inference ignores it
+
+    # Record, in training, what enters and leaves each part of the first layer.
+    seen: dict[str, Tensor] = {}
+    layer = dropped.model.layers[0]
+    hooks = [
+        dropped.model.embed_tokens.register_forward_hook(
+            lambda m, i, o: seen.__setitem__("embedded", o)
+        ),
+        layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("layer_in", i[0])),
+        layer.mixer.register_forward_hook(lambda m, i, o: seen.__setitem__("mixed", o)),
+        layer.pre_ff_layernorm.register_forward_pre_hook(
+            lambda m, i: seen.__setitem__("middle", i[0])
+        ),
+    ]
+    dropped.train()(ids)
+    for hook in hooks:
+        hook.remove()
+    for reached, full in (
+        (seen["layer_in"], seen["embedded"]),
+        (seen["middle"] - seen["layer_in"], seen["mixed"]),
+    ):
+        kept = reached != 0
+        # Every value is either dropped or kept scaled by 1 / (1 - p) ...
+        assert torch.allclose(reached[kept], full[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+        # ... and about p of them are dropped (4,096 values: the share's sd is 0.007).
+        assert abs((~kept).float().mean().item() - p) < 0.03
+    assert not torch.equal(dropped(ids), dropped(ids))  # new masks each forward

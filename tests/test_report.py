@@ -142,12 +142,22 @@ def test_the_full_report_has_every_section(tmp_path):
     assert "6 (1 attention, 5 SSM - Jamba-style hybrid)" in text
     assert "4 (effective: 16 with grad_accum=4" in text
     assert "tinyshakespeare (1,115,394 bytes" in text
+    assert "- **learning_rate**: 3e-4 (peak, cosine decay to 0)" in text
+    assert "- **dropout**: 0" in text
     assert "| Step | Predicted Val Loss | 80 % Interval | Predicted Val PPL |" in text
     assert "Expected final improvement" in text
     # one sentence says the probability and what the held-out runs measured
     assert re.search(r"Interval: 80 % probability; from .* of \d+ held-out runs it held", text)
     assert re.search(r"Model: \d+ curve variants fitted to 80 train-loss logs and 4 evals", text)
     assert text.rstrip().endswith("*Last updated: Step 800*")
+
+
+def test_the_configuration_names_the_schedule_and_dropout_the_run_used(tmp_path):
+    train = TrainConfig(max_steps=2000, eval_interval=200, schedule="wsd", dropout=0.15)
+    text = report_of(make_run(tmp_path, train=train))
+    held = "held, then linear decay to 0 over the last 400 steps"  # 20 % of 2,000
+    assert f"- **learning_rate**: 3e-4 (peak, {held})" in text
+    assert "- **dropout**: 0.15" in text
 
 
 @pytest.mark.parametrize("count", [0, 1])

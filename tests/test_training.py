@@ -313,3 +313,20 @@ def test_expert_matrices_get_weight_decay() -> None:
     assert "model.layers.1.feed_forward.experts.down_proj" in names
     assert "model.layers.1.feed_forward.router.weight" in names
     assert "model.layers.0.mamba.conv1d.weight" not in names and no_decay["weight_decay"] == 0
+
+
+def test_a_run_with_dropout_learns_and_resumes_exactly(
+    finished_run: Path, text_corpus: Path, tmp_path: Path
+) -> None:
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    Trainer(tiny_config(text_corpus, run, dropout=0.2), progress=False).run()
+    records, plain = evals(run), evals(finished_run)
+    assert records[8]["val_loss"] < records[2]["val_loss"] < math.log(256)
+    assert records[8]["train_loss"] != plain[8]["train_loss"]  # the masks changed the steps
+    shutil.copytree(run, resumed)
+    for step in (6, 8):
+        (resumed / f"step_{step}.bin").unlink()
+    Trainer(tiny_config(text_corpus, resumed, dropout=0.2), resume=True, progress=False).run()
+    for step in (6, 8):  # the saved RNG state gives the same masks after the resume
+        for key in ("train_loss", "val_loss", "sample"):
+            assert evals(resumed)[step][key] == records[step][key], (step, key)

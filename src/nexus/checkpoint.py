@@ -217,9 +217,13 @@ def model_state_for_saving(model: NexusLM) -> dict[str, torch.Tensor]:
 
 
 def model_from_checkpoint(
-    checkpoint: Checkpoint, device: torch.device | str = "cpu", expected: ModelConfig | None = None
+    checkpoint: Checkpoint,
+    device: torch.device | str = "cpu",
+    expected: ModelConfig | None = None,
+    dropout: float = 0.0,
 ) -> NexusLM:
-    """Rebuild the model a checkpoint holds (checking it against `expected` when given)."""
+    """Rebuild the model a checkpoint holds (checking it against `expected` when given), with
+    the dropout of the run that goes on training it."""
     config = ModelConfig.from_dict(checkpoint.meta["model_config"])
     if expected is not None and config != expected:
         differences = [
@@ -232,7 +236,7 @@ def model_from_checkpoint(
             + "; ".join(differences)
             + ". Use the matching --preset, or start a new run in another --out_dir"
         )
-    model = NexusLM(config)
+    model = NexusLM(config, dropout)
     try:
         missing, unexpected = model.load_state_dict(checkpoint.model_state, strict=False)
     except RuntimeError as error:  # tensors of other shapes than the config gives

@@ -332,6 +332,7 @@ class TrainConfig:
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
+    dropout: float = 0.0  # training only: on the embeddings and each residual branch
     grad_clip: float = 1.0
     eval_interval: int = 200
     save_interval: int = 0  # 0: same as eval_interval
@@ -404,6 +405,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_number(value) or not value >= 0 or not math.isfinite(value):
                 raise NexusError(f"train config: {name} must be a number >= 0, got {value!r}")
+        if not (_is_number(self.dropout) and 0 <= self.dropout < 1):
+            raise NexusError(f"train config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.min_lr > self.lr:
             raise NexusError(
                 f"train config: min_lr {self.min_lr} is above the peak lr {self.lr}; lower it"

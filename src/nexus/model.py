@@ -373,8 +373,9 @@ def load_balancing_loss(stats: list[RoutingStats], num_experts: int) -> Tensor:
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h))."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout  # on each branch before it joins the residual stream (training)
         self.is_attention = config.is_attention(layer)
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         if self.is_attention:
@@ -392,8 +393,10 @@ class DecoderLayer(nn.Module):
         return self.self_attn if self.is_attention else self.mamba
 
     def forward(self, hidden: Tensor) -> Tensor:
-        hidden = hidden + self.mixer(self.input_layernorm(hidden))
-        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
+        mixed = self.mixer(self.input_layernorm(hidden))
+        hidden = hidden + F.dropout(mixed, self.dropout, self.training)
+        fed = self.feed_forward(self.pre_ff_layernorm(hidden))
+        return hidden + F.dropout(fed, self.dropout, self.training)
 
     def prefill(self, hidden: Tensor) -> tuple[Tensor, LayerState]:
         mixed, state = self.mixer.prefill(self.input_layernorm(hidden))
@@ -409,10 +412,12 @@ class DecoderLayer(nn.Module):
 class HybridStack(nn.Module):
     """Embedding, the decoder layers and the final norm (Jamba's `model.*`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dropout) for i in range(config.n_layers)
+        )
         self.final_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
 
@@ -420,12 +425,17 @@ Cache = list[LayerState]
 
 
 class NexusLM(nn.Module):
-    """The hybrid language model over bytes: input ids (B, T) -> logits (B, T, vocab)."""
+    """The hybrid language model over bytes: input ids (B, T) -> logits (B, T, vocab).
 
-    def __init__(self, config: ModelConfig) -> None:
+    `dropout` regularises training only (the embeddings and every branch into the residual
+    stream, as GPT-2); it is a setting of the run, not of the weights, and inference ignores it.
+    """
+
+    def __init__(self, config: ModelConfig, dropout: float = 0.0) -> None:
         super().__init__()
         self.config = config
-        self.model = HybridStack(config)
+        self.dropout = dropout
+        self.model = HybridStack(config, dropout)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -453,6 +463,7 @@ class NexusLM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.embed_tokens(input_ids)  # (B, T, d_model)
+        hidden = F.dropout(hidden, self.dropout, self.training)
         for layer in self.model.layers:
             hidden = layer(hidden)
         return self.lm_head(self.model.final_layernorm(hidden))  # (B, T, vocab)

@@ -376,14 +376,22 @@ def _architecture(run: Run) -> str:
     )
 
 
+def _decay(train: TrainConfig) -> str:
+    if train.schedule == "wsd":
+        floor, steps = _lr(train.min_lr), train.cooldown_steps
+        return f"held, then linear decay to {floor} over the last {steps:,} steps"
+    return f"cosine decay to {_lr(train.min_lr)}"
+
+
 def _configuration(run: Run) -> str:
     train = run.train
     effective = train.micro_batch * train.grad_accum
     return "\n".join(
         [
             "## Training Configuration",
-            f"- **learning_rate**: {_lr(train.lr)} (peak, cosine decay to {_lr(train.min_lr)})",
+            f"- **learning_rate**: {_lr(train.lr)} (peak, {_decay(train)})",
             f"- **weight_decay**: {train.weight_decay:g}",
+            f"- **dropout**: {train.dropout:g}",
             f"- **batch_size**: {train.micro_batch} (effective: {effective} with "
             f"grad_accum={train.grad_accum}; {train.tokens_per_step:,} tokens per step)",
             f"- **warmup_steps**: {train.warmup_steps}",
@@ -740,6 +748,8 @@ def _count(parameters: int) -> str:
 def _lr(value: float) -> str:
     if not math.isfinite(value):
         return "-" if math.isnan(value) else str(value)
+    if value == 0:
+        return "0"
     mantissa, exponent = f"{value:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 

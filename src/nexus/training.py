@@ -251,7 +251,7 @@ class Trainer:
         resume_from = self._prepare_out_dir(resume, force, branch)
         # Built on the CPU from the seed, so every rank starts from the same weights.
         torch.manual_seed(config.seed)
-        self.model = NexusLM(self.model_config).to(self.device)
+        self.model = NexusLM(self.model_config, config.dropout).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
         self.state = RunState()
         seq_len = self.model_config.seq_len
@@ -382,7 +382,9 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
-        self.model = model_from_checkpoint(checkpoint, self.device, expected=self.model_config)
+        self.model = model_from_checkpoint(
+            checkpoint, self.device, expected=self.model_config, dropout=self.config.dropout
+        )
         self.optimizer = build_optimizer(self.model, self.config)
         restore_optimizer(
             self.optimizer, checkpoint.optimizer_tensors, checkpoint.meta["optimizer_param_groups"]
