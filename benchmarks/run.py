@@ -42,7 +42,8 @@ from nexus.generation import generate
 from nexus.hf import jamba_config_dict
 from nexus.info import flops_per_token
 from nexus.model import NexusLM
-from nexus.training import build_optimizer, deterministic_algorithms, next_byte_loss
+from nexus.optim import build_optimizer
+from nexus.training import deterministic_algorithms, next_byte_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
@@ -113,9 +114,9 @@ def compile_seconds(loss_of: LossFn, model: nn.Module) -> float:
 
 
 class GPTBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, mlp_hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.dropout = n_heads, dropout
         self.attn_norm = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
@@ -131,25 +132,44 @@ class GPTBlock(nn.Module):
         q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, hd)
-        x = x + self.proj(attended.transpose(1, 2).reshape(B, T, C))
-        return x + self.mlp(self.mlp_norm(x))
+        mixed = self.proj(attended.transpose(1, 2).reshape(B, T, C))
+        x = x + F.dropout(mixed, self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
 
 class GPT(nn.Module):
-    """The baseline: a plain pre-norm transformer with learned positions."""
+    """The baseline: a plain pre-norm transformer with learned positions; dropout (training
+    only) where Nexus has it: the embeddings and each residual branch."""
 
     def __init__(
-        self, d_model: int, n_layers: int, n_heads: int, mlp_hidden: int, max_len: int = SEQ_LEN
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        mlp_hidden: int,
+        max_len: int = SEQ_LEN,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = dropout
         self.embed = nn.Embedding(256, d_model)
         self.positions = nn.Parameter(torch.zeros(max_len, d_model))
-        self.blocks = nn.ModuleList(GPTBlock(d_model, n_heads, mlp_hidden) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            GPTBlock(d_model, n_heads, mlp_hidden, dropout) for _ in range(n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 256, bias=False)
+        # GPT-2's initialisation, as Nexus's: N(0, 0.02), the residual projections scaled by
+        # 1/sqrt(2·layers).
+        for name, param in self.named_parameters():
+            if param.ndim == 2:
+                residual = name.endswith(("proj.weight", "mlp.2.weight"))
+                std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
+                nn.init.normal_(param, 0.0, std)
 
     def forward(self, ids: Tensor) -> Tensor:
         x = self.embed(ids) + self.positions[: ids.shape[1]]
+        x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
@@ -161,12 +181,13 @@ def equal_size_gpt(
     n_layers: int = 8,
     n_heads: int = 8,
     max_len: int = SEQ_LEN,
+    dropout: float = 0.0,
 ) -> GPT:
     """A GPT of this shape with the MLP width that brings its count closest to the target."""
     fixed = GPT(d_model, n_layers, n_heads, 0, max_len)
     per_unit = 2 * d_model * n_layers  # each MLP hidden unit adds an input and an output weight
     hidden = round((target_parameters - sum(p.numel() for p in fixed.parameters())) / per_unit)
-    return GPT(d_model, n_layers, n_heads, hidden, max_len)
+    return GPT(d_model, n_layers, n_heads, hidden, max_len, dropout)
 
 
 def hf_jamba(config_name: str = "nexus-6m") -> nn.Module | None:

@@ -69,6 +69,7 @@ def test_unknown_preset_lists_the_known_ones() -> None:
         ({"warmup_steps": 300, "max_steps": 200}, "warmup_steps 300 exceeds max_steps 200"),
         ({"micro_batch": 0}, "micro_batch must be a positive integer"),
         ({"min_lr": 1.0}, "min_lr 1.0 is above the peak lr"),
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, muon, got 'sgd'"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),

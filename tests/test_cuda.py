@@ -13,7 +13,8 @@ import torch
 from nexus.config import ModelConfig, TrainConfig, preset
 from nexus.generation import generate
 from nexus.model import NexusLM
-from nexus.training import build_optimizer, next_byte_loss
+from nexus.optim import build_optimizer
+from nexus.training import next_byte_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -144,6 +144,7 @@ def test_the_full_report_has_every_section(tmp_path):
     assert "tinyshakespeare (1,115,394 bytes" in text
     assert "- **learning_rate**: 3e-4 (peak, cosine decay to 0)" in text
     assert "- **dropout**: 0" in text
+    assert "- **optimizer**: AdamW\n" in text
     assert "| Step | Predicted Val Loss | 80 % Interval | Predicted Val PPL |" in text
     assert "Expected final improvement" in text
     # one sentence says the probability and what the held-out runs measured
@@ -152,12 +153,15 @@ def test_the_full_report_has_every_section(tmp_path):
     assert text.rstrip().endswith("*Last updated: Step 800*")
 
 
-def test_the_configuration_names_the_schedule_and_dropout_the_run_used(tmp_path):
-    train = TrainConfig(max_steps=2000, eval_interval=200, schedule="wsd", dropout=0.15)
+def test_the_configuration_names_the_schedule_optimizer_and_dropout_the_run_used(tmp_path):
+    train = TrainConfig(
+        max_steps=2000, eval_interval=200, schedule="wsd", dropout=0.15, optimizer="muon"
+    )
     text = report_of(make_run(tmp_path, train=train))
     held = "held, then linear decay to 0 over the last 400 steps"  # 20 % of 2,000
     assert f"- **learning_rate**: 3e-4 (peak, {held})" in text
     assert "- **dropout**: 0.15" in text
+    assert "- **optimizer**: Muon (the layers' weight matrices) + AdamW" in text
 
 
 @pytest.mark.parametrize("count", [0, 1])

@@ -22,12 +22,8 @@ from nexus.config import TrainConfig, preset
 from nexus.errors import NexusError
 from nexus.hf import export_to_hf, import_from_hf
 from nexus.model import NexusLM
-from nexus.training import (
-    COMPILE_MIN_MICRO_STEPS,
-    Trainer,
-    build_optimizer,
-    use_compile,
-)
+from nexus.optim import build_optimizer
+from nexus.training import COMPILE_MIN_MICRO_STEPS, Trainer, use_compile
 
 
 def evals(run_dir: Path) -> dict[int, dict]:
@@ -328,5 +324,68 @@ def test_a_run_with_dropout_learns_and_resumes_exactly(
         (resumed / f"step_{step}.bin").unlink()
     Trainer(tiny_config(text_corpus, resumed, dropout=0.2), resume=True, progress=False).run()
     for step in (6, 8):  # the saved RNG state gives the same masks after the resume
+        for key in ("train_loss", "val_loss", "sample"):
+            assert evals(resumed)[step][key] == records[step][key], (step, key)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
+    model = NexusLM(preset("nexus-tiny"))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"))
+    muon, adamw = optimizer.parts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    on_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    on_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert on_muon | on_adamw == set(names.values()) and not on_muon & on_adamw
+    assert on_muon == {
+        name
+        for name, p in model.named_parameters()
+        if p.ndim == 2 and name.startswith("model.layers.") and not name.endswith("A_log")
+    }
+    for kept_on_adamw in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.mamba.A_log",
+        "model.layers.0.mamba.conv1d.weight",
+    ):
+        assert kept_on_adamw in on_adamw
+    assert "model.layers.1.self_attn.q_proj.weight" in on_muon
+
+
+def test_a_muon_step_is_the_orthogonalised_gradient() -> None:
+    torch.manual_seed(0)
+    model = NexusLM(preset("nexus-tiny"))
+    lr = 1e-2
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=lr, weight_decay=0.0))
+    weight = model.model.layers[0].mamba.in_proj.weight  # (256, 64)
+    before = weight.detach().clone()
+    gradient = torch.randn_like(weight)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weight.grad = gradient.clone()
+    optimizer.step()
+    # Scaled to AdamW's RMS: lr · 0.2 · sqrt(max(rows, cols)) times the orthogonalised update.
+    update = (before - weight.detach()) / (lr * 0.2 * math.sqrt(max(weight.shape)))
+    # Against the SVD: the same singular vectors as the gradient's, U Vᵀ, with the singular
+    # values that five Newton–Schulz steps leave near 1 (Muon's quintic keeps them in ~0.7-1.2).
+    u, _, vh = torch.linalg.svd(gradient, full_matrices=False)
+    polar = u @ vh
+    singular = torch.linalg.svdvals(update)
+    assert singular.min() > 0.6 and singular.max() < 1.25, singular
+    cosine = (update * polar).sum() / (update.norm() * polar.norm())
+    assert cosine > 0.95, cosine
+    assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
+
+
+def test_a_muon_run_learns_and_resumes_exactly(text_corpus: Path, tmp_path: Path) -> None:
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    Trainer(tiny_config(text_corpus, run, optimizer="muon"), progress=False).run()
+    records = evals(run)
+    assert records[8]["val_loss"] < records[2]["val_loss"] < math.log(256)
+    shutil.copytree(run, resumed)
+    for step in (6, 8):
+        (resumed / f"step_{step}.bin").unlink()
+    Trainer(tiny_config(text_corpus, resumed, optimizer="muon"), resume=True, progress=False).run()
+    for step in (6, 8):  # Muon's momentum and AdamW's moments came back from step 4
         for key in ("train_loss", "val_loss", "sample"):
             assert evals(resumed)[step][key] == records[step][key], (step, key)

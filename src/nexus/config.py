@@ -18,6 +18,7 @@ from nexus.sources import DEFAULT_EXCLUDE
 SSM_CHOICES = ("mamba1", "mamba2")
 COMPILE_CHOICES = ("auto", "on", "off")
 SCHEDULE_CHOICES = ("cosine", "wsd")
+OPTIMIZER_CHOICES = ("adamw", "muon")
 
 
 def _is_number(value: Any) -> bool:
@@ -332,6 +333,8 @@ class TrainConfig:
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
     weight_decay: float = 0.1
+    # "muon": Muon for the layers' weight matrices, AdamW for the rest (nexus.optim)
+    optimizer: str = "adamw"
     dropout: float = 0.0  # training only: on the embeddings and each residual branch
     grad_clip: float = 1.0
     eval_interval: int = 200
@@ -424,6 +427,11 @@ class TrainConfig:
             raise NexusError(
                 f"train config: schedule must be one of {', '.join(SCHEDULE_CHOICES)}, "
                 f"got {self.schedule!r}"
+            )
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise NexusError(
+                f"train config: optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, "
+                f"got {self.optimizer!r}"
             )
         fraction = self.cooldown_fraction
         if not (_is_number(fraction) and 0 < fraction <= 1):

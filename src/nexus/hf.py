@@ -554,7 +554,7 @@ def import_from_hf(
 ) -> Path:
     """Write a Hugging Face Jamba directory as a Nexus checkpoint that `nexus sample`, `nexus
     eval` and `nexus train --resume --out_dir DIR` load; returns the checkpoint's path."""
-    from nexus.training import build_optimizer
+    from nexus.optim import build_optimizer
 
     source = Path(hf_dir)
     target = Path(checkpoint_path)

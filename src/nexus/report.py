@@ -376,6 +376,9 @@ def _architecture(run: Run) -> str:
     )
 
 
+OPTIMIZER_NAMES = {"adamw": "AdamW", "muon": "Muon (the layers' weight matrices) + AdamW"}
+
+
 def _decay(train: TrainConfig) -> str:
     if train.schedule == "wsd":
         floor, steps = _lr(train.min_lr), train.cooldown_steps
@@ -390,6 +393,7 @@ def _configuration(run: Run) -> str:
         [
             "## Training Configuration",
             f"- **learning_rate**: {_lr(train.lr)} (peak, {_decay(train)})",
+            f"- **optimizer**: {OPTIMIZER_NAMES[train.optimizer]}",
             f"- **weight_decay**: {train.weight_decay:g}",
             f"- **dropout**: {train.dropout:g}",
             f"- **batch_size**: {train.micro_batch} (effective: {effective} with "
