@@ -22,7 +22,7 @@ from nexus.config import TrainConfig, preset
 from nexus.errors import NexusError
 from nexus.hf import export_to_hf, import_from_hf
 from nexus.model import NexusLM
-from nexus.optim import build_optimizer
+from nexus.optim import NS_COEFFICIENTS, Muon, build_optimizer, orthogonalise
 from nexus.training import COMPILE_MIN_MICRO_STEPS, Trainer, use_compile
 
 
@@ -332,7 +332,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     model = NexusLM(preset("nexus-tiny"))
     optimizer = build_optimizer(model, TrainConfig(optimizer="muon"))
     muon, adamw = optimizer.parts
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     on_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     on_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
@@ -352,6 +352,21 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
     assert "model.layers.1.self_attn.q_proj.weight" in on_muon
 
 
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64), (48, 48)])
+def test_orthogonalise_is_the_newton_schulz_iteration(shape: tuple[int, int]) -> None:
+    """Against the iteration as published, X ← aX + (bG + cG²)X on X itself, in float64."""
+    torch.manual_seed(0)
+    matrix = torch.randn(shape, dtype=torch.float64)
+    a, b, c = NS_COEFFICIENTS
+    x = matrix / (matrix.norm() + 1e-7)
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    # The same to rounding (the products are associated differently; a⁵ ≈ 480 amplifies it).
+    assert torch.allclose(orthogonalise(matrix), x, rtol=0, atol=1e-10)
+    assert torch.allclose(orthogonalise(matrix.float()), x.float(), rtol=0, atol=5e-5)
+
+
 def test_a_muon_step_is_the_orthogonalised_gradient() -> None:
     torch.manual_seed(0)
     model = NexusLM(preset("nexus-tiny"))
@@ -367,7 +382,8 @@ def test_a_muon_step_is_the_orthogonalised_gradient() -> None:
     # Scaled to AdamW's RMS: lr · 0.2 · sqrt(max(rows, cols)) times the orthogonalised update.
     update = (before - weight.detach()) / (lr * 0.2 * math.sqrt(max(weight.shape)))
     # Against the SVD: the same singular vectors as the gradient's, U Vᵀ, with the singular
-    # values that five Newton–Schulz steps leave near 1 (Muon's quintic keeps them in ~0.7-1.2).
+    # values that five Newton–Schulz steps leave near 1 (the quintic keeps them in ~0.7-1.2).
+    # The first step's direction is the gradient times 1 + momentum (Nesterov, from 0).
     u, _, vh = torch.linalg.svd(gradient, full_matrices=False)
     polar = u @ vh
     singular = torch.linalg.svdvals(update)
