@@ -184,9 +184,10 @@ def equal_size_gpt(
     dropout: float = 0.0,
 ) -> GPT:
     """A GPT of this shape with the MLP width that brings its count closest to the target."""
-    fixed = GPT(d_model, n_layers, n_heads, 0, max_len)
     per_unit = 2 * d_model * n_layers  # each MLP hidden unit adds an input and an output weight
-    hidden = round((target_parameters - sum(p.numel() for p in fixed.parameters())) / per_unit)
+    one_unit = GPT(d_model, n_layers, n_heads, 1, max_len)
+    fixed = sum(p.numel() for p in one_unit.parameters()) - per_unit
+    hidden = round((target_parameters - fixed) / per_unit)
     return GPT(d_model, n_layers, n_heads, hidden, max_len, dropout)
 
 
