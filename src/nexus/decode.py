@@ -36,11 +36,11 @@ FAST_DECODE_ENABLED: bool = scan.numba is not None
 
 MAMBA1, MAMBA2, ATTENTION = 0, 1, 2
 
-# A matrix-vector product with at least this many weights is split into _PARTS blocks of rows
-# run in parallel (a fixed count, so results never depend on the thread count); smaller ones
-# cost less than a parallel launch (~1 µs) saves. Mamba-1's scan step splits its channels so.
+# A matrix-vector product with at least this many weights is split into _MATVEC_PARTS blocks of
+# rows run in parallel (a fixed count, so results never depend on the thread count); smaller
+# ones cost less than a parallel launch (~1 µs) saves.
 _PARALLEL_MIN_WEIGHTS = 16384
-_PARTS = 2
+_MATVEC_PARTS = 2
 
 _GREEDY = Sampling(temperature=0.0)
 
@@ -267,11 +267,11 @@ if scan.numba is not None:
 
     @_jit(parallel=True, fastmath=_FASTMATH)
     def _matvec_parallel(M, x, out):
-        """_matvec_rows over _PARTS blocks of rows (multiples of 4, so every row is
+        """_matvec_rows over _MATVEC_PARTS blocks of rows (multiples of 4, so every row is
         summed as in one serial call) on numba's threads."""
         rows = M.shape[0]
-        block = -(-(rows // 4) // _PARTS) * 4
-        for part in prange(_PARTS):
+        block = -(-(rows // 4) // _MATVEC_PARTS) * 4
+        for part in prange(_MATVEC_PARTS):
             _matvec_rows(M, x, out, min(rows, part * block), min(rows, (part + 1) * block))
 
     @_jit(fastmath=_FASTMATH)
@@ -341,16 +341,9 @@ if scan.numba is not None:
         dt_bias = _param(W, off, b + _M1_DT_B)
         A = _param(W, off, b + _M1_A).reshape((E, N))
         D = _param(W, off, b + _M1_D)
+        h = ssm.reshape((E, N))
         y = np.empty(E, dtype=np.float32)
-        _mamba1_scan(dt, dt_bias, x, xz[E:], A, Bn, Cn, D, ssm.reshape((E, N)), min_arg, tiny, y)
-        _matvec(_param(W, off, b + _M1_OUT), d, E, y, out)
-
-    @_jit(fastmath=_FASTMATH)
-    def _mamba1_scan_rows(dt, dt_bias, x, z, A, Bn, Cn, D, h, min_arg, tiny, y, start, stop):
-        """One step of the selective scan for channels start..stop: h = exp(Δ·A)·h + Δ·x·B,
-        y = (C·h + D·x) · silu(z)."""
-        N = h.shape[1]
-        for e in range(start, stop):
+        for e in range(E):
             dte = _softplus(dt[e] + dt_bias[e])
             dx = dte * x[e]
             acc = _F0
@@ -361,18 +354,8 @@ if scan.numba is not None:
                 hv = hv if abs(hv) >= tiny else _F0
                 h[e, n] = hv
                 acc += hv * Cn[n]
-            y[e] = (acc + D[e] * x[e]) * _silu(z[e])
-
-    @_jit(parallel=True, fastmath=_FASTMATH)
-    def _mamba1_scan(dt, dt_bias, x, z, A, Bn, Cn, D, h, min_arg, tiny, y):
-        """_mamba1_scan_rows over _PARTS blocks of channels on numba's threads: the
-        channels are independent, so the result is the same on any thread count."""
-        E = h.shape[0]
-        block = -(-E // _PARTS)
-        for part in prange(_PARTS):
-            start = min(E, part * block)
-            _mamba1_scan_rows(dt, dt_bias, x, z, A, Bn, Cn, D, h, min_arg, tiny, y, start,
-                              min(E, start + block))  # fmt: skip
+            y[e] = (acc + D[e] * x[e]) * _silu(xz[E + e])
+        _matvec(_param(W, off, b + _M1_OUT), d, E, y, out)
 
     @_jit(fastmath=_FASTMATH)
     def _mamba2(W, off, base, dims, xn, window, ssm, eps, min_arg, tiny, out):
