@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -203,10 +202,6 @@ def test_turns_carry_the_conversation_and_the_window_keeps_its_end(
 
     terminal.child.send("the queen of verona")  # Ctrl-C at the prompt clears the line
     terminal.child.expect_exact("the queen of verona")  # read, as a person's Ctrl-C would find it
-    # CPython's readline loop checks for signals only when its select() is interrupted: a ^C
-    # that lands while it is still echoing the last key waits for the next key. No person is
-    # that quick; the test was, on a busy machine, and timed out.
-    time.sleep(0.5)
     terminal.child.sendintr()
     terminal.until_prompt()
     turn("romeo")
